@@ -1,0 +1,6 @@
+"""lingbot-va-pretrain: the `lbva` namespace maps onto the repository's top-level folders.
+
+`lbva.models` is models/, `lbva.training` is training/, and so on (see pyproject.toml).
+"""
+
+__version__ = "0.1.0"

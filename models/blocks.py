@@ -1,0 +1,61 @@
+"""One transformer block of either stream (Wan2.2 block shape), split around its self-attention.
+
+The split lets a layer of the MoT run the video block and the action block up to their q/k/v,
+attend once over the joint sequence, and finish each block separately.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import AttentionKernel, CrossAttention, SelfAttention
+from .layers import FeedForward, FP32LayerNorm
+
+
+class TransformerBlock(nn.Module):
+    """adaLN-modulated block: self-attention (shared head space), optional text cross-attention, FFN.
+
+    width: the stream's residual width (3072 video, 768 action at full size);
+    q/k/v always project into num_heads x head_dim so streams can attend jointly.
+    """
+
+    def __init__(
+        self, width: int, ffn_dim: int, num_heads: int, head_dim: int, eps: float, text_cross_attention: bool
+    ):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(width, eps, elementwise_affine=False)
+        self.attn1 = SelfAttention(width, num_heads, head_dim, eps)
+        if text_cross_attention:
+            self.norm2 = FP32LayerNorm(width, eps, elementwise_affine=True)
+            self.attn2 = CrossAttention(width, num_heads, head_dim, eps)
+        else:
+            self.norm2 = self.attn2 = None
+        self.norm3 = FP32LayerNorm(width, eps, elementwise_affine=False)
+        self.ffn = FeedForward(width, ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, width) / width**0.5)
+
+    def modulation(self, timestep_proj: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """timestep_proj [B, L, 6, W] -> shift1, scale1, gate1, shift2, scale2, gate2, each [B, L, W] fp32."""
+        return (self.scale_shift_table.float() + timestep_proj.float()).unbind(dim=2)
+
+    def attention_inputs(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...], rope):
+        shift1, scale1 = mod[0], mod[1]
+        h = (self.norm1(x) * (1 + scale1) + shift1).type_as(x)
+        return self.attn1.project(h, rope)
+
+    def finish(
+        self,
+        x: torch.Tensor,
+        attended: torch.Tensor,
+        mod: tuple[torch.Tensor, ...],
+        text: torch.Tensor | None,
+        cross_attention: AttentionKernel,
+    ) -> torch.Tensor:
+        """Residual of the attended values [B, L, H, D], then cross-attention and FFN."""
+        _, _, gate1, shift2, scale2, gate2 = mod
+        x = (x.float() + self.attn1.output(attended).float() * gate1).type_as(x)
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x).type_as(x), text, cross_attention)
+        h = (self.norm3(x) * (1 + scale2) + shift2).type_as(x)
+        return (x.float() + self.ffn(h).float() * gate2).type_as(x)

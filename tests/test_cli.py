@@ -1,0 +1,64 @@
+"""`lbva` turns user mistakes into one line on stderr and exit status 2, never a traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LBVA = [sys.executable, "-m", "lbva.training.cli"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*LBVA, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_model_info_prints_the_released_total():
+    result = run("model-info", "lingbot-va-shared")
+    assert result.returncode == 0
+    assert "5,088,872,670" in result.stdout
+
+
+def test_model_info_of_an_unknown_preset(tmp_path):
+    assert_one_line_error(run("model-info", "lingbot-va-9b"), "lingbot-va-9b", "lingbot-va-shared")
+
+
+def test_unknown_config_key():
+    assert_one_line_error(run("train", "optim.lrr=0.1"), "optim.lrr", "did you mean 'lr'")
+
+
+def test_wrong_type_in_a_config_file(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[run]\nsteps = "many"\n')
+    assert_one_line_error(run("train", "--config", str(config)), "bad.toml", "run.steps")
+
+
+def test_missing_config_file(tmp_path):
+    assert_one_line_error(run("train", "--config", str(tmp_path / "nope.toml")), "nope.toml")
+
+
+def test_missing_dataset_path(tmp_path):
+    result = run("train", f"data.dataset={tmp_path / 'absent'}", f"run.output_dir={tmp_path / 'runs'}")
+    assert_one_line_error(result, "data.dataset", "absent")
+
+
+def test_preset_that_does_not_exist_in_the_config():
+    assert_one_line_error(run("train", "model.preset=giant"), "model.preset", "giant")
+
+
+def test_unknown_subcommand():
+    assert_one_line_error(run("fly"), "fly")
+
+
+@pytest.mark.parametrize("override", ["objective.chunk_size=[3, 1]", "optim.lr=-1", "run.wandb=sometimes"])
+def test_invalid_values_name_the_option(override):
+    assert_one_line_error(run("train", override), override.split("=")[0])

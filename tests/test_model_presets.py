@@ -1,0 +1,68 @@
+"""Presets have the parameter counts the spec fixes; forward shapes hold for every layout."""
+
+import pytest
+import torch
+
+from lbva.models.attention import AttentionKernels, sdpa_kernel
+from lbva.models.config import PRESETS, get_preset
+from lbva.models.info import build_on_meta, parameter_counts
+from lbva.models.mot import LingBotVA, ModelInputs
+from lbva.models.patching import action_positions, video_positions
+
+
+def test_shared_preset_has_the_released_parameter_count():
+    assert parameter_counts(build_on_meta(get_preset("lingbot-va-shared")))["total"] == 5_088_872_670
+
+
+def test_mot_preset_total_is_between_5_30_and_5_45_billion():
+    total = parameter_counts(build_on_meta(get_preset("lingbot-va-5b-mot")))["total"]
+    assert 5.30e9 <= total <= 5.45e9
+
+
+def test_mot_video_stream_is_the_wan22_5b_shape():
+    counts = parameter_counts(build_on_meta(get_preset("lingbot-va-5b-mot")))
+    assert counts["video: blocks"] == 30 * 163_656_704
+
+
+def test_shared_layout_uses_the_released_parameter_names():
+    names = set(dict(build_on_meta(get_preset("lingbot-va-shared")).named_parameters()))
+    for expected in (
+        "patch_embedding_mlp.weight", "action_embedder.weight", "condition_embedder.time_proj.weight",
+        "condition_embedder_action.text_embedder.linear_2.bias", "blocks.29.attn1.norm_q.weight",
+        "blocks.0.attn2.to_out.0.weight", "blocks.0.ffn.net.0.proj.weight", "blocks.0.ffn.net.2.weight",
+        "blocks.0.norm2.weight", "blocks.0.scale_shift_table", "proj_out.weight", "action_proj_out.weight",
+        "scale_shift_table",
+    ):
+        assert expected in names
+    assert not any(name.startswith("action_blocks") for name in names)
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(KeyError, match="lingbot-va-shared"):
+        get_preset("nope")
+
+
+@pytest.mark.parametrize("preset", ["tiny-mot", "tiny-shared"])
+def test_forward_returns_one_prediction_per_token(preset):
+    config = get_preset(preset)
+    model = LingBotVA(config)
+    frames, h, w, n = 2, 3, 2, 4
+    lv, la = frames * h * w, frames * n
+    inputs = ModelInputs(
+        video_tokens=torch.randn(1, lv, config.video_token_dim),
+        video_timesteps=torch.rand(1, lv) * 1000,
+        video_positions=video_positions(frames, h, w)[None],
+        action_tokens=torch.randn(1, la, config.action_dim),
+        action_timesteps=torch.rand(1, la) * 1000,
+        action_positions=action_positions(frames, n)[None],
+        text=torch.randn(1, 5, config.text_dim),
+    )
+    video, action = model(inputs, AttentionKernels(sdpa_kernel(None), sdpa_kernel(None)))
+    assert video.shape == (1, lv, config.video_token_dim)
+    assert action.shape == (1, la, config.action_dim)
+    assert torch.isfinite(video).all() and torch.isfinite(action).all()
+
+
+def test_every_preset_builds():
+    for name in PRESETS:
+        assert parameter_counts(build_on_meta(get_preset(name)))["total"] > 0

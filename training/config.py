@@ -1,0 +1,138 @@
+"""The one config tree of a training run: dataclasses with defaults, loaded from TOML plus
+command-line overrides by training/config_io.py, validated once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lbva.models.config import PRESETS
+
+from .errors import UserError
+
+
+def _check_range(name: str, pair: tuple, low: float) -> None:
+    if len(pair) != 2 or pair[0] > pair[1] or pair[0] < low:
+        raise UserError(f"{name} must be [low, high] with {low} <= low <= high, got {list(pair)}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "lbva"
+    output_dir: Path = Path("runs")
+    seed: int = 0
+    steps: int = 1000
+    log_every: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    wandb_project: str = "lingbot-va-pretrain"
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"run.steps must be >= 1, got {self.steps}")
+        if self.log_every < 1:
+            raise UserError(f"run.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class ModelSection:
+    preset: str = "lingbot-va-5b-mot"
+    attention: Literal["auto", "flex", "sdpa"] = "auto"
+    # A Wan2.2-TI2V-5B diffusers folder (or its transformer/) to initialise the video stream from.
+    init_from_wan: Path | None = None
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise UserError(f"model.preset: unknown preset '{self.preset}'; known presets: {', '.join(PRESETS)}")
+        if self.init_from_wan is not None and not self.init_from_wan.exists():
+            raise UserError(f"model.init_from_wan: {self.init_from_wan} does not exist")
+
+
+@dataclass
+class DataSection:
+    # A LeRobot v2.x dataset folder, encoded in-process with the light stand-in encoders.
+    dataset: Path | None = None
+    target_fps: int = 10
+    # Slot in the 30-d action layout of each dataset action dimension (spec 2.1).
+    action_channels: list[int] = field(default_factory=list)
+    text_tokens: int = 512
+    window_frames: int = 64
+    token_budget: int = 10240  # the paper packs up to 10K tokens per sequence
+    pad_multiple: int = 128
+
+    def validate(self) -> None:
+        if not all(0 <= c < 30 for c in self.action_channels) or len(set(self.action_channels)) != len(self.action_channels):
+            raise UserError(f"data.action_channels must be distinct slots in 0..29, got {self.action_channels}")
+        for name in ("target_fps", "text_tokens", "window_frames", "token_budget", "pad_multiple"):
+            if getattr(self, name) < 1:
+                raise UserError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ObjectiveConfig:
+    video_shift: float = 5.0
+    action_shift: float = 1.0
+    action_weight: float = 1.0  # lambda of L_video + lambda * L_action
+    # > 0 adds the forward-dynamics loss (paper Eq. 13, post-training for async deployment).
+    forward_dynamics_weight: float = 0.0
+    noisy_history_prob: float = 0.5
+    text_dropout: float = 0.1
+    chunk_size: tuple[int, int] = (1, 4)  # K ~ U{low..high} per step
+    attention_window: tuple[int, int] = (4, 64)  # W ~ U{low..high} per step
+
+    def validate(self) -> None:
+        for name in ("video_shift", "action_shift"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"objective.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("noisy_history_prob", "text_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"objective.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.action_weight < 0 or self.forward_dynamics_weight < 0:
+            raise UserError("objective.action_weight and objective.forward_dynamics_weight must be >= 0")
+        _check_range("objective.chunk_size", self.chunk_size, 1)
+        _check_range("objective.attention_window", self.attention_window, 0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 2.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise UserError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip <= 0:
+            raise UserError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# The embedded demo: the procedural pushing world and the demo-mot preset, sized for 2 CPU cores.
+# `lbva demo` layers these over the defaults above; configs/demo.toml spells out the same values.
+DEMO_BASE: dict = {
+    "run": {"name": "demo", "steps": 600, "log_every": 10},
+    "model": {"preset": "demo-mot"},
+    "data": {
+        "dataset": "runs/demo-data", "action_channels": [0, 1], "text_tokens": 16, "window_frames": 8,
+        "token_budget": 2048, "pad_multiple": 64,
+    },
+    # A 1.4M-parameter model learns fastest well above the 5B recipe's peak lr.
+    "optim": {"lr": 1e-3},
+}

@@ -1,0 +1,182 @@
+"""The single-process training run, top to bottom: config -> model -> data -> loop -> artifacts."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from safetensors.torch import save_file
+
+from lbva.models.config import get_preset
+from lbva.models.mot import LingBotVA
+from lbva.models.weights import WeightImportError, import_wan_video_stream
+
+from .config import TrainConfig
+from .config_io import config_to_dict, dump_toml
+from .demo_dataset import build_samples
+from .errors import UserError
+from .metrics import MetricsLogger
+from .optim import build_optimizer, build_scheduler
+from .packing import PackedSequence
+from .standin_encoders import StandInTextEncoder, StandInVideoEncoder
+from .step import FlowMatchingObjective, LossTerms
+from .stream import PackedStream
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    eval_losses: dict[int, float]  # step -> loss on the fixed evaluation batch
+    seconds: float
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device is 'cuda' but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """Each step's randomness depends only on (seed, step), so a resumed run replays it exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+
+
+def build_model(config: TrainConfig, device: torch.device) -> LingBotVA:
+    torch.manual_seed(config.run.seed)
+    model = LingBotVA(get_preset(config.model.preset))
+    if config.model.init_from_wan is not None:
+        try:
+            import_wan_video_stream(model, config.model.init_from_wan)
+        except WeightImportError as error:
+            raise UserError(f"model.init_from_wan: {error}") from error
+    return model.to(device)
+
+
+def check_dataset(config: TrainConfig) -> None:
+    if config.data.dataset is None:
+        raise UserError("data.dataset is not set; give a LeRobot dataset folder (e.g. data.dataset=PATH)")
+    if not (config.data.dataset / "meta" / "info.json").exists():
+        raise UserError(
+            f"data.dataset: {config.data.dataset} is not a LeRobot dataset (no meta/info.json); "
+            "run `lbva data demo PATH` to generate one"
+        )
+
+
+def load_episodes(config: TrainConfig, model: LingBotVA):
+    text_encoder = StandInTextEncoder(text_dim=model.config.text_dim, max_tokens=config.data.text_tokens)
+    samples, stats = build_samples(
+        config.data.dataset,
+        target_fps=config.data.target_fps,
+        video_encoder=StandInVideoEncoder(),
+        text_encoder=text_encoder,
+        action_channels=config.data.action_channels,
+    )
+    if samples and samples[0].latents.shape[0] != model.config.in_channels:
+        raise UserError(
+            f"data: latents have {samples[0].latents.shape[0]} channels, model.preset "
+            f"'{config.model.preset}' expects {model.config.in_channels}"
+        )
+    return samples, stats, text_encoder.encode("")
+
+
+def _loss_metrics(terms: LossTerms) -> dict[str, float]:
+    metrics = {"loss": terms.total.item(), "loss_video": terms.video.item(), "loss_action": terms.action.item()}
+    if terms.forward_dynamics is not None:
+        metrics["loss_fdm"] = terms.forward_dynamics.item()
+    return metrics
+
+
+def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
+    """Run config.run.steps optimizer steps; write config.toml, metrics.jsonl, loss_curve.png,
+    model.safetensors and action_stats.json into output_dir/name. Returns the evaluation losses."""
+    console = console or Console()
+    check_dataset(config)  # before building a model that may be billions of parameters
+    device = resolve_device(config.run.device)
+    run_dir = config.run.output_dir / config.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_toml(config, run_dir / "config.toml")
+
+    model = build_model(config, device)
+    samples, action_stats, empty_text = load_episodes(config, model)
+    (run_dir / "action_stats.json").write_text(json.dumps(action_stats.to_dict(), indent=1))
+    objective = FlowMatchingObjective(config.objective, empty_text)
+    stream = PackedStream(
+        samples,
+        patch=model.config.patch_size,
+        window_frames=config.data.window_frames,
+        chunk_multiple=config.objective.chunk_size[1],
+        token_budget=config.data.token_budget,
+        pad_multiple=config.data.pad_multiple,
+        forward_dynamics=config.objective.forward_dynamics_weight > 0,
+        seed=config.run.seed,
+    )
+    batches = iter(stream)
+    eval_batch = next(iter(stream))
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.run.steps, config.optim)
+    console.print(
+        f"[bold]lbva train[/bold] {config.run.name}: preset {config.model.preset}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(samples)} episodes, device {device}"
+    )
+
+    eval_losses: dict[int, float] = {}
+    started = time.perf_counter()
+    with MetricsLogger(
+        run_dir, total_steps=config.run.steps, wandb_mode=config.run.wandb, wandb_project=config.run.wandb_project,
+        run_name=config.run.name, run_id=config.run.name, config=config_to_dict(config), console=console,
+    ) as logger:
+        window_sums: dict[str, float] = {}
+        window_tokens, window_start = 0, time.perf_counter()
+        for step in range(1, config.run.steps + 1):
+            seq = next(batches)
+            terms, grad_norm = train_step(model, objective, seq, optimizer, config, device, step)
+            scheduler.step()
+            for key, value in {**_loss_metrics(terms), "grad_norm": grad_norm}.items():
+                window_sums[key] = window_sums.get(key, 0.0) + value
+            window_tokens += seq.real_tokens
+            if step % config.run.log_every == 0 or step == config.run.steps:
+                steps_in_window = (step - 1) % config.run.log_every + 1
+                elapsed = time.perf_counter() - window_start
+                eval_losses[step] = evaluate(model, objective, eval_batch, config, device)
+                metrics = {key: total / steps_in_window for key, total in window_sums.items()}
+                metrics.update(eval_loss=eval_losses[step], lr=scheduler.get_last_lr()[0],
+                               tokens_per_s=window_tokens / elapsed)
+                logger.log(step, metrics)
+                window_sums, window_tokens, window_start = {}, 0, time.perf_counter()
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, run_dir / "model.safetensors")
+    (run_dir / "model_config.json").write_text(json.dumps(asdict(model.config), indent=1))
+    return TrainResult(run_dir, config.run.steps, eval_losses, time.perf_counter() - started)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_step(model, objective, seq: PackedSequence, optimizer, config: TrainConfig, device, step: int):
+    model.train()
+    draws = objective.draw(seq, step_generator(config.run.seed, step))
+    with _autocast(device):
+        terms = objective(model, seq, draws, config.model.attention, device)
+    terms.total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return terms, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, objective, seq: PackedSequence, config: TrainConfig, device) -> float:
+    """Loss on one fixed batch with fixed draws: comparable across steps, unlike the training loss,
+    whose per-frame noise levels change every step."""
+    model.eval()
+    draws = objective.draw(seq, step_generator(config.run.seed, -1))
+    with _autocast(device):
+        return objective(model, seq, draws, config.model.attention, device).total.item()
