@@ -45,7 +45,7 @@ def test_a_short_run_writes_its_artifacts(dataset, tmp_path):
     assert result.run_dir == run_dir
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4]
-    assert {"loss", "loss_video", "loss_action", "grad_norm", "lr", "tokens_per_s", "eval_loss"} <= set(records[0])
+    assert {"loss", "loss_video", "loss_action", "grad_norm", "lr", "tokens_per_s", "loss_eval"} <= set(records[0])
     assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_config(TrainConfig, run_dir / "config.toml") == config
     model = LingBotVA(get_preset("tiny-mot"))

@@ -146,7 +146,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                 elapsed = time.perf_counter() - window_start
                 eval_losses[step] = evaluate(model, objective, eval_batch, config, device)
                 metrics = {key: total / steps_in_window for key, total in window_sums.items()}
-                metrics.update(eval_loss=eval_losses[step], lr=scheduler.get_last_lr()[0],
+                metrics.update(loss_eval=eval_losses[step], lr=scheduler.get_last_lr()[0],
                                tokens_per_s=window_tokens / elapsed)
                 logger.log(step, metrics)
                 window_sums, window_tokens, window_start = {}, 0, time.perf_counter()
