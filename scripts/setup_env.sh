@@ -22,6 +22,12 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     fi
 fi
 
+# DeepSpeed (Ulysses context parallelism) is a source distribution whose build imports torch;
+# without --no-build-isolation pip would build it against a freshly downloaded CUDA torch.
+if ! "$venv/bin/python" -c "import deepspeed" 2>/dev/null; then
+    "${pip[@]}" install --no-build-isolation "deepspeed>=0.16"
+fi
+
 stamp="$venv/.lbva-installed"
 want="$(cat "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
