@@ -116,12 +116,27 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 0  # optimizer steps between saves; 0 saves only at the end
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    async_save: bool = True
+    # "none", "auto" (the newest complete checkpoint of this run, if any) or a checkpoint folder.
+    resume: str = "none"
+
+    def validate(self) -> None:
+        if self.every < 0 or self.keep_last < 1 or self.keep_every < 0:
+            raise UserError("checkpoint.every and checkpoint.keep_every must be >= 0, checkpoint.keep_last >= 1")
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # The embedded demo: the procedural pushing world and the demo-mot preset, sized for 2 CPU cores.

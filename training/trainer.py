@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
+from lbva.checkpoints_tools.manager import (
+    CheckpointError, CheckpointManager, RetentionPolicy, latest_checkpoint, read_meta, verify,
+)
+from lbva.checkpoints_tools.train_state import TrainState
 from lbva.models.config import get_preset
 from lbva.models.mot import LingBotVA
 from lbva.models.weights import WeightImportError, import_wan_video_stream
@@ -20,7 +25,7 @@ from .config_io import config_to_dict, dump_toml
 from .demo_dataset import build_samples
 from .errors import UserError
 from .metrics import MetricsLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, lr_factor
 from .packing import PackedSequence
 from .standin_encoders import StandInTextEncoder, StandInVideoEncoder
 from .step import FlowMatchingObjective, LossTerms
@@ -30,7 +35,7 @@ from .stream import PackedStream
 @dataclass
 class TrainResult:
     run_dir: Path
-    steps: int
+    steps: int  # the last step reached (config.run.steps unless stopped early)
     eval_losses: dict[int, float]  # step -> loss on the fixed evaluation batch
     seconds: float
 
@@ -93,9 +98,14 @@ def _loss_metrics(terms: LossTerms) -> dict[str, float]:
     return metrics
 
 
-def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
-    """Run config.run.steps optimizer steps; write config.toml, metrics.jsonl, loss_curve.png,
-    model.safetensors and action_stats.json into output_dir/name. Returns the evaluation losses."""
+def train(
+    config: TrainConfig, console: Console | None = None, stop: Callable[[int], bool] | None = None
+) -> TrainResult:
+    """Run optimizer steps up to config.run.steps; write config.toml, metrics.jsonl,
+    loss_curve.png, checkpoints, model.safetensors and action_stats.json into output_dir/name.
+
+    `stop(step)` is asked after every step; when it answers True the run checkpoints and returns
+    early (preemption, time limits). Returns the evaluation losses and the last step reached."""
     console = console or Console()
     check_dataset(config)  # before building a model that may be billions of parameters
     device = resolve_device(config.run.device)
@@ -117,10 +127,28 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         forward_dynamics=config.objective.forward_dynamics_weight > 0,
         seed=config.run.seed,
     )
-    batches = iter(stream)
-    eval_batch = next(iter(stream))
+    eval_batch = stream.first_sequence()
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.run.steps, config.optim)
+    state = TrainState(model, optimizer, scheduler, stream)
+    checkpoints = CheckpointManager(
+        run_dir / "checkpoints",
+        RetentionPolicy(config.checkpoint.keep_last, config.checkpoint.keep_every),
+        async_save=config.checkpoint.async_save,
+    )
+    # JSON round trip: the comparison on resume sees what was written (tuples become lists).
+    checkpoint_meta = json.loads(json.dumps(
+        {"model": asdict(model.config), "preset": config.model.preset, "config": config_to_dict(config)}
+    ))
+    resume_from = resolve_resume(config, run_dir)
+    if resume_from is not None:
+        load_checkpoint(checkpoints, resume_from, state, checkpoint_meta)
+        # The current config's schedule governs from here (a run may be extended on resume).
+        for group in optimizer.param_groups:
+            group["lr"] = config.optim.lr * lr_factor(state.step, config.run.steps, config.optim)
+        console.print(f"resumed from {resume_from} at step {state.step}")
+    saved_step = state.step  # the newest step already on disk (0: none)
+    batches = iter(stream)
     console.print(
         f"[bold]lbva train[/bold] {config.run.name}: preset {config.model.preset}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(samples)} episodes, device {device}"
@@ -131,13 +159,19 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     with MetricsLogger(
         run_dir, total_steps=config.run.steps, wandb_mode=config.run.wandb, wandb_project=config.run.wandb_project,
         run_name=config.run.name, run_id=config.run.name, config=config_to_dict(config), console=console,
+        start_step=state.step,
     ) as logger:
         window_sums: dict[str, float] = {}
         window_tokens, window_start = 0, time.perf_counter()
-        for step in range(1, config.run.steps + 1):
+        for step in range(state.step + 1, config.run.steps + 1):
             seq = next(batches)
             terms, grad_norm = train_step(model, objective, seq, optimizer, config, device, step)
             scheduler.step()
+            state.step = step
+            checkpoints.poll()
+            if config.checkpoint.every and step % config.checkpoint.every == 0:
+                checkpoints.save(step, {"train": state}, checkpoint_meta)
+                saved_step = step
             for key, value in {**_loss_metrics(terms), "grad_norm": grad_norm}.items():
                 window_sums[key] = window_sums.get(key, 0.0) + value
             window_tokens += seq.real_tokens
@@ -150,10 +184,49 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                                tokens_per_s=window_tokens / elapsed)
                 logger.log(step, metrics)
                 window_sums, window_tokens, window_start = {}, 0, time.perf_counter()
+            if stop is not None and stop(step):
+                console.print(f"stopping at step {step} as asked; checkpointing")
+                break
+        if saved_step != state.step:
+            checkpoints.save(state.step, {"train": state}, checkpoint_meta)
+        checkpoints.wait()
 
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, run_dir / "model.safetensors")
     (run_dir / "model_config.json").write_text(json.dumps(asdict(model.config), indent=1))
-    return TrainResult(run_dir, config.run.steps, eval_losses, time.perf_counter() - started)
+    return TrainResult(run_dir, state.step, eval_losses, time.perf_counter() - started)
+
+
+def resolve_resume(config: TrainConfig, run_dir: Path) -> Path | None:
+    choice = config.checkpoint.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return latest_checkpoint(run_dir / "checkpoints")
+    folder = Path(choice)
+    if not folder.is_dir():
+        raise UserError(f"checkpoint.resume: {folder} is not a checkpoint folder")
+    return folder
+
+
+def load_checkpoint(checkpoints: CheckpointManager, folder: Path, state: TrainState, meta: dict) -> None:
+    """Load `folder` into `state`; refuse a checkpoint of another model or with damaged files."""
+    try:
+        saved = read_meta(folder)
+    except CheckpointError as error:
+        raise UserError(f"checkpoint.resume: {error}") from error
+    differing = [k for k in meta["model"] if saved.get("model", {}).get(k) != meta["model"][k]]
+    if differing:
+        fields = ", ".join(f"{k} {saved.get('model', {}).get(k)!r} != {meta['model'][k]!r}" for k in differing)
+        raise UserError(
+            f"checkpoint.resume: {folder} holds another model (preset {saved.get('preset')!r}): {fields}"
+        )
+    problems = verify(folder, checksums=False)
+    if problems:
+        raise UserError(f"checkpoint.resume: {folder} is damaged: {'; '.join(problems)}")
+    try:
+        checkpoints.load(folder, {"train": state})
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UserError(f"checkpoint.resume: {folder} could not be loaded: {error}") from error
 
 
 def _autocast(device: torch.device):

@@ -1,0 +1,68 @@
+"""Everything a resumed run needs, as one DCP `Stateful`: model, optimizer, scheduler, step,
+data-stream position, RNG. Model and optimizer go through `get_state_dict` / `set_state_dict`, so
+FSDP2 / DTensor shards are saved as shards and resharded on load onto whatever mesh is current."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+
+class StreamState(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class TrainState(Stateful):
+    """The training state at a step boundary. `step` counts completed optimizer steps.
+
+    RNG: the trainer derives every random draw of a step from (seed, step), so the saved RNG state
+    (rank 0's, applied on every rank) matters only to code outside that discipline.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, stream: StreamState, step: int = 0):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.stream = stream
+        self.step = step
+
+    def state_dict(self) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {
+            "model": model_state,
+            "optimizer": optim_state,
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "stream": self.stream.state_dict(),
+            "rng": _rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["stream"])
+        _set_rng_state(state["rng"])
