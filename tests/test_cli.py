@@ -62,3 +62,24 @@ def test_unknown_subcommand():
 @pytest.mark.parametrize("override", ["objective.chunk_size=[3, 1]", "optim.lr=-1", "run.wandb=sometimes"])
 def test_invalid_values_name_the_option(override):
     assert_one_line_error(run("train", override), override.split("=")[0])
+
+
+def test_ckpt_verify_of_a_folder_that_is_no_checkpoint(tmp_path):
+    assert_one_line_error(run("ckpt", "verify", str(tmp_path)), str(tmp_path), "lbva_meta.json")
+
+
+def test_ckpt_verify_names_a_truncated_shard(tmp_path):
+    import torch
+
+    from lbva.checkpoints_tools.manager import CheckpointManager, RetentionPolicy
+
+    CheckpointManager(tmp_path, RetentionPolicy(), async_save=False).save(1, {"w": torch.ones(64, 64)}, {})
+    folder = tmp_path / "step_00000001"
+    assert run("ckpt", "verify", str(folder)).returncode == 0
+    shard = next(p for p in folder.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:50])
+    assert_one_line_error(run("ckpt", "verify", str(folder)), shard.name, "truncated")
+
+
+def test_import_with_an_unknown_preset(tmp_path):
+    assert_one_line_error(run("import", "wan", str(tmp_path), str(tmp_path / "out"), "--preset", "huge"), "--preset")

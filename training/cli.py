@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--frames", type=int, default=97, help="raw frames per episode")
     demo_data.add_argument("--seed", type=int, default=0)
     demo_data.set_defaults(func=_cmd_data_demo)
+
+    from lbva.checkpoints_tools.cli import register as register_checkpoint_commands
+
+    register_checkpoint_commands(commands, _Parser)
     return parser
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from safetensors.torch import save_file
 
 from lbva.checkpoints_tools.manager import (
@@ -224,7 +225,12 @@ def load_checkpoint(checkpoints: CheckpointManager, folder: Path, state: TrainSt
     if problems:
         raise UserError(f"checkpoint.resume: {folder} is damaged: {'; '.join(problems)}")
     try:
-        checkpoints.load(folder, {"train": state})
+        if saved.get("contents") == "weights":  # an imported step-0 checkpoint: model only
+            weights = {"train": {"model": get_model_state_dict(state.model)}}
+            checkpoints.load(folder, weights)
+            set_model_state_dict(state.model, weights["train"]["model"])
+        else:
+            checkpoints.load(folder, {"train": state})
     except (RuntimeError, ValueError, KeyError) as error:
         raise UserError(f"checkpoint.resume: {folder} could not be loaded: {error}") from error
 
