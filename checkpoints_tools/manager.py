@@ -211,10 +211,10 @@ class CheckpointManager:
 
 @contextlib.contextmanager
 def _single_process_is_intended():
-    """DCP warns when no process group exists; for a single-process run that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+    """DCP warns when no process group exists; for a single-process run that is the intent. The
+    filter is process-wide because async saves emit it from their background thread."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    yield
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The LeRobot v2.x reader: round trips of the demo dataset, and one-line errors for bad data."""
+"""The LeRobot reader on v2.1 data: round trips of the demo dataset, and one-line errors for bad data."""
 
 import json
 import shutil
@@ -71,12 +71,12 @@ def test_missing_info_json_names_the_file(copy):
         LeRobotDataset(copy)
 
 
-def test_non_v2_codebase_version_is_rejected(copy):
+def test_unsupported_codebase_version_is_rejected(copy):
     info_path = copy / "meta" / "info.json"
     info = json.loads(info_path.read_text())
-    info["codebase_version"] = "v3.0"
+    info["codebase_version"] = "v1.6"
     info_path.write_text(json.dumps(info))
-    with pytest.raises(UserError, match=r"info.json: codebase_version is 'v3.0'"):
+    with pytest.raises(UserError, match=r"info.json: codebase_version is 'v1.6'"):
         LeRobotDataset(copy)
 
 

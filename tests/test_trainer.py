@@ -50,8 +50,8 @@ def test_a_short_run_writes_its_artifacts(dataset, tmp_path):
     assert load_config(TrainConfig, run_dir / "config.toml") == config
     model = LingBotVA(get_preset("tiny-mot"))
     model.load_state_dict(load_file(run_dir / "model.safetensors"))
-    stats = json.loads((run_dir / "action_stats.json").read_text())
-    assert len(stats["q01"]) == 30
+    stats = json.loads((run_dir / "data_stats.json").read_text())
+    assert len(stats[str(dataset)]["q01"]) == 30
 
 
 def test_training_reduces_the_evaluation_loss(dataset, tmp_path):
@@ -72,3 +72,20 @@ def test_the_same_seed_gives_the_same_run(dataset, tmp_path):
 def test_the_shared_layout_trains_through_the_same_loop(dataset, tmp_path):
     result = train(_config(dataset, tmp_path, "model.preset=tiny-shared", "run.steps=2", "run.log_every=1"), _quiet())
     assert len(result.eval_losses) == 2
+
+
+def test_a_run_trains_from_prepared_shards(dataset, tmp_path):
+    from lbva.training.data.encoders import EncoderChoice
+    from lbva.training.data.prepare import PrepareConfig, prepare
+
+    prepared = tmp_path / "prepared"
+    prepare(PrepareConfig(src=dataset, out=prepared, action_channels=[0, 1], heights=[64], widths=[64],
+                          encoders=EncoderChoice("standin", standin_text_dim=32)))
+    config = load_config(TrainConfig, overrides=[
+        "model.preset=tiny-mot", f"data.prepared=['{prepared}']", f"run.output_dir={tmp_path}", "data.text_tokens=8",
+        "data.window_frames=8", "data.token_budget=512", "data.pad_multiple=32", "run.steps=3", "run.log_every=1",
+    ])
+    result = train(config, _quiet())
+    assert [r["step"] for r in read_metrics(result.run_dir / "metrics.jsonl")] == [1, 2, 3]
+    card = json.loads((result.run_dir / "data_stats.json").read_text())[str(prepared)]
+    assert "pusher" in card["sources"]

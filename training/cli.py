@@ -44,17 +44,12 @@ def _cmd_train(args) -> None:
 
 def _cmd_demo(args) -> None:
     from .config import DEMO_BASE
-    from .demo_world import generate_demo_dataset
-    from .trainer import train
+    from .demo import run_demo
 
     config = _load_train_config(args, base=DEMO_BASE)
-    if not (config.data.dataset / "meta" / "info.json").exists():
-        print(f"generating the demo dataset in {config.data.dataset}")
-        generate_demo_dataset(config.data.dataset, num_episodes=args.episodes, frames_per_episode=args.frames, seed=0)
-    result = train(config)
+    result = run_demo(config, args.episodes, args.frames)
     steps = sorted(result.eval_losses)
-    first = result.eval_losses[steps[0]]
-    last = result.eval_losses[steps[-1]]
+    first, last = result.eval_losses[steps[0]], result.eval_losses[steps[-1]]
     print(f"demo finished in {result.seconds:.0f} s: eval loss {first:.4f} at step {steps[0]} -> {last:.4f} at step "
           f"{steps[-1]} ({last / first:.2f}x); artifacts in {result.run_dir}")
 
@@ -94,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--frames", type=int, default=97, help="raw frames per episode")
     demo_data.add_argument("--seed", type=int, default=0)
     demo_data.set_defaults(func=_cmd_data_demo)
+    from .data.cli import register as register_prepare
+
+    register_prepare(data_commands)
 
     from lbva.checkpoints_tools.cli import register as register_checkpoint_commands
 

@@ -51,7 +51,14 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    # A LeRobot v2.x dataset folder, encoded in-process with the light stand-in encoders.
+    # Prepared datasets (`lbva data prepare` output folders): the training path.
+    prepared: list[Path] = field(default_factory=list)
+    # Source mixture weights as "source=weight" (sources not named: 1.0). Default: uniform.
+    source_weights: list[str] = field(default_factory=list)
+    on_error: Literal["skip", "fail"] = "skip"  # bad samples: log, count and skip, or stop
+    num_workers: int = 0  # DataLoader workers reading and packing shards
+    # Alternatively, a LeRobot v2.x/v3.0 folder encoded in-process with the light stand-in encoders
+    # (quick experiments; no shards). Ignored when `prepared` is set.
     dataset: Path | None = None
     target_fps: int = 10
     # Slot in the 30-d action layout of each dataset action dimension (spec 2.1).
@@ -61,7 +68,25 @@ class DataSection:
     token_budget: int = 10240  # the paper packs up to 10K tokens per sequence
     pad_multiple: int = 128
 
+    def weights(self) -> dict[str, float] | None:
+        """source_weights as a mapping (None: uniform)."""
+        if not self.source_weights:
+            return None
+        parsed = {}
+        for item in self.source_weights:
+            name, _, value = item.partition("=")
+            try:
+                parsed[name] = float(value)
+            except ValueError:
+                raise UserError(f"data.source_weights: '{item}' is not SOURCE=WEIGHT") from None
+            if not name or parsed[name] < 0:
+                raise UserError(f"data.source_weights: '{item}' needs a source name and a weight >= 0")
+        return parsed
+
     def validate(self) -> None:
+        self.weights()
+        if self.num_workers < 0:
+            raise UserError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not all(0 <= c < 30 for c in self.action_channels) or len(set(self.action_channels)) != len(self.action_channels):
             raise UserError(f"data.action_channels must be distinct slots in 0..29, got {self.action_channels}")
         for name in ("target_fps", "text_tokens", "window_frames", "token_budget", "pad_multiple"):
@@ -145,8 +170,8 @@ DEMO_BASE: dict = {
     "run": {"name": "demo", "steps": 600, "log_every": 10},
     "model": {"preset": "demo-mot"},
     "data": {
-        "dataset": "runs/demo-data", "action_channels": [0, 1], "text_tokens": 16, "window_frames": 8,
-        "token_budget": 2048, "pad_multiple": 64,
+        "prepared": ["runs/demo-prepared"], "text_tokens": 16, "window_frames": 8, "token_budget": 2048,
+        "pad_multiple": 64,
     },
     # A 1.4M-parameter model learns fastest well above the 5B recipe's peak lr.
     "optim": {"lr": 1e-3},

@@ -1,9 +1,19 @@
-"""Read LeRobot v2.x datasets (v2.0 / v2.1) from local disk: meta jsonl, per-episode parquet and mp4.
+"""Read LeRobot datasets from local disk: v2.x (one file per episode) and v3.0 (many episodes per file).
 
-Layout (what `meta/info.json` describes and LeRobot writes):
+v2.0 / v2.1 layout:
     meta/info.json, meta/episodes.jsonl, meta/tasks.jsonl
-    data/chunk-XXX/episode_XXXXXX.parquet        one row per frame: action, observation.state, ...
+    data/chunk-XXX/episode_XXXXXX.parquet              one row per frame: action, observation.state, ...
     videos/chunk-XXX/<camera_key>/episode_XXXXXX.mp4   one file per camera, one frame per row
+v3.0 layout:
+    meta/info.json, meta/tasks.parquet (task string + task_index)
+    meta/episodes/chunk-XXX/file-XXX.parquet   one row per episode: length, tasks, data/chunk_index,
+        data/file_index, dataset_from_index, dataset_to_index, videos/<key>/chunk_index, .../file_index,
+        .../from_timestamp, .../to_timestamp
+    data/chunk-XXX/file-XXX.parquet            rows of many episodes, told apart by `episode_index`
+    videos/<key>/chunk-XXX/file-XXX.mp4        episodes back to back; an episode is its timestamp window
+
+An episode record may carry `action_config`, a list of {start_frame, end_frame, action_text} segments
+(spec 6.2). A dataset without an `action` feature is video-only: its actions read as [T, 0].
 
 Every problem with the data on disk is raised as a UserError naming the file and what is wrong, so a
 bad dataset is reported in one line instead of a traceback.
@@ -25,6 +35,10 @@ import pyarrow.parquet as pq
 from lbva.training.errors import UserError
 
 
+# The per-frame columns an episode read needs; image columns and the like are never loaded.
+ROW_COLUMNS = ("episode_index", "task_index", "action", "observation.state")
+
+
 @dataclass
 class RawEpisode:
     """One episode as stored: decoded frames and per-frame actions/states at the dataset's fps."""
@@ -34,8 +48,17 @@ class RawEpisode:
     fps: int
     frames: dict[str, np.ndarray]  # camera_key -> [len(frame_indices), H, W, 3] uint8
     frame_indices: np.ndarray  # [K] int64, the rows whose frames were decoded (all rows by default)
-    actions: np.ndarray  # [T, A] float32, row t is the action issued at frame t
+    actions: np.ndarray  # [T, A] float32, row t is the action issued at frame t; A = 0 when video-only
     states: np.ndarray | None  # [T, S] float32, or None when the dataset has no observation.state
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A sub-range of an episode with its own instruction: raw frames [start_frame, end_frame)."""
+
+    start_frame: int
+    end_frame: int
+    text: str
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -50,6 +73,19 @@ def _read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{number} is not valid JSON ({err})") from err
     return records
+
+
+def _read_parquet(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """The table at `path`, or those of `columns` it has (all columns with None)."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing")
+    try:
+        if columns is not None:
+            names = set(pq.read_schema(path).names)
+            columns = [c for c in columns if c in names]
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{path} cannot be read as parquet ({err})") from err
 
 
 def _vector_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
@@ -78,7 +114,7 @@ def _vector_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
 
 
 class LeRobotDataset:
-    """A LeRobot v2.x dataset on local disk; `read_episode` loads one episode at a time."""
+    """A LeRobot v2.x or v3.0 dataset on local disk; `read_episode` loads one episode at a time."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -89,25 +125,52 @@ class LeRobotDataset:
             self.info = json.loads(info_path.read_text())
         except json.JSONDecodeError as err:
             raise UserError(f"{info_path} is not valid JSON ({err})") from err
-        version = str(self.info.get("codebase_version", ""))
-        if not version.startswith("v2"):
-            raise UserError(f"{info_path}: codebase_version is '{version}', this reader handles LeRobot v2.x "
-                            "(convert v3 datasets with LeRobot's converter or use a v2.1 revision)")
+        self.version = str(self.info.get("codebase_version", ""))
+        if not (self.version.startswith("v2") or self.version.startswith("v3")):
+            raise UserError(f"{info_path}: codebase_version is '{self.version}', this reader handles LeRobot "
+                            "v2.x and v3.0")
         for key in ("fps", "features", "data_path"):
             if key not in self.info:
                 raise UserError(f"{info_path} has no '{key}' entry")
         self.fps = int(self.info["fps"])
         features = self.info["features"]
-        if "action" not in features:
-            raise UserError(f"{info_path}: the dataset has no 'action' feature")
+        self.has_actions = "action" in features
         self.camera_keys = [key for key, feature in features.items() if feature.get("dtype") == "video"]
-        if self.camera_keys and "video_path" not in self.info:
+        if self.camera_keys and not self.info.get("video_path"):
             raise UserError(f"{info_path} lists video features but no 'video_path'")
         self.chunks_size = int(self.info.get("chunks_size", 1000))
+        self._is_v3 = self.version.startswith("v3")
+        if self._is_v3:
+            self._episodes, self._tasks = self._read_v3_meta()
+        else:
+            episodes = _read_jsonl(self.root / "meta" / "episodes.jsonl")
+            self._episodes = {int(e["episode_index"]): e for e in episodes}
+            self._tasks = {int(t["task_index"]): str(t["task"])
+                           for t in _read_jsonl(self.root / "meta" / "tasks.jsonl")}
+        self._cached_table: tuple[Path, pa.Table] | None = None
 
-        episodes = _read_jsonl(self.root / "meta" / "episodes.jsonl")
-        self._episodes = {int(e["episode_index"]): e for e in episodes}
-        self._tasks = {int(t["task_index"]): str(t["task"]) for t in _read_jsonl(self.root / "meta" / "tasks.jsonl")}
+    def _read_v3_meta(self) -> tuple[dict[int, dict], dict[int, str]]:
+        files = sorted((self.root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+        if not files:
+            raise UserError(f"{self.root / 'meta' / 'episodes'} holds no chunk-*/file-*.parquet; a LeRobot v3.0 "
+                            "dataset needs its episode table")
+        episodes = {}
+        for path in files:
+            # Per-episode statistics are most of the table and nothing here needs them.
+            try:
+                names = [n for n in pq.read_schema(path).names if not n.startswith("stats/")]
+            except (pa.ArrowException, OSError) as err:
+                raise UserError(f"{path} cannot be read as parquet ({err})") from err
+            for record in _read_parquet(path, names).to_pylist():
+                episodes[int(record["episode_index"])] = record
+        tasks_path = self.root / "meta" / "tasks.parquet"
+        table = _read_parquet(tasks_path)
+        # pandas writes the task strings as the frame's index, whose column name varies.
+        text = next((n for n in table.column_names if pa.types.is_string(table.schema.field(n).type)), None)
+        if text is None or "task_index" not in table.column_names:
+            raise UserError(f"{tasks_path} needs a task_index column and a string column of tasks")
+        tasks = dict(zip(table.column("task_index").to_pylist(), table.column(text).to_pylist()))
+        return episodes, {int(k): str(v) for k, v in tasks.items()}
 
     @property
     def episode_indices(self) -> list[int]:
@@ -119,18 +182,59 @@ class LeRobotDataset:
         return len(self._episodes)
 
     def episode_length(self, episode_index: int) -> int:
-        """Number of frames (parquet rows) of an episode, as meta/episodes.jsonl records it."""
+        """Number of frames (parquet rows) of an episode, as the episode metadata records it."""
         return int(self._episode_record(episode_index)["length"])
 
+    def episode_task(self, episode_index: int) -> str:
+        """The episode's first task as the episode metadata lists it ("" when it lists none)."""
+        tasks = self._episode_record(episode_index).get("tasks") or [""]
+        return str(tasks[0])
+
+    def segments(self, episode_index: int) -> list[Segment] | None:
+        """The episode's `action_config` segments, or None when its metadata has none.
+
+        Raises UserError when a segment is malformed or its frame range lies outside the episode.
+        """
+        config = self._episode_record(episode_index).get("action_config")
+        if not config:
+            return None
+        length = self.episode_length(episode_index)
+        segments = []
+        for number, item in enumerate(config):
+            try:
+                segment = Segment(int(item["start_frame"]), int(item["end_frame"]), str(item["action_text"]))
+            except (KeyError, TypeError, ValueError) as err:
+                raise UserError(f"{self._meta_name}: episode {episode_index} action_config[{number}] needs "
+                                f"start_frame, end_frame and action_text ({err!r})") from err
+            if not 0 <= segment.start_frame < segment.end_frame <= length:
+                raise UserError(f"{self._meta_name}: episode {episode_index} action_config[{number}] spans frames "
+                                f"{segment.start_frame}..{segment.end_frame}, outside the episode's {length} frames")
+            segments.append(segment)
+        return segments
+
     def data_file(self, episode_index: int) -> Path:
-        """Path of an episode's parquet file."""
+        """Path of the parquet file holding an episode's rows."""
+        if self._is_v3:
+            record = self._episode_record(episode_index)
+            return self.root / self.info["data_path"].format(
+                chunk_index=int(record["data/chunk_index"]), file_index=int(record["data/file_index"]))
         return self.root / self.info["data_path"].format(
             episode_chunk=episode_index // self.chunks_size, episode_index=episode_index)
 
     def video_file(self, episode_index: int, camera_key: str) -> Path:
-        """Path of an episode's mp4 for one camera."""
+        """Path of the mp4 holding an episode's frames for one camera."""
+        if self._is_v3:
+            record = self._episode_record(episode_index)
+            return self.root / self.info["video_path"].format(
+                video_key=camera_key, chunk_index=int(record[f"videos/{camera_key}/chunk_index"]),
+                file_index=int(record[f"videos/{camera_key}/file_index"]))
         return self.root / self.info["video_path"].format(
             episode_chunk=episode_index // self.chunks_size, video_key=camera_key, episode_index=episode_index)
+
+    def read_actions(self, episode_index: int) -> np.ndarray:
+        """An episode's actions [T, A] float32 without decoding video (A = 0 for a video-only dataset)."""
+        table, path = self._rows(episode_index)
+        return self._actions(table, path)
 
     def read_episode(self, episode_index: int, frame_indices: Sequence[int] | None = None) -> RawEpisode:
         """Load an episode: all actions/states and the frames at `frame_indices` (all frames by default).
@@ -138,57 +242,84 @@ class LeRobotDataset:
         Frames come back in the order of `frame_indices`. Raises UserError for missing or unreadable
         files, a video whose frame count differs from the parquet rows, and NaN/inf actions or states.
         """
-        record = self._episode_record(episode_index)
-        path = self.data_file(episode_index)
-        if not path.is_file():
-            raise UserError(f"{path} is missing (episode {episode_index})")
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as err:
-            raise UserError(f"{path} cannot be read as parquet ({err})") from err
-        if "action" not in table.column_names:
-            raise UserError(f"{path} has no 'action' column")
-        actions = _vector_column(table, "action", path)
+        table, path = self._rows(episode_index)
+        actions = self._actions(table, path)
         states = None
         if "observation.state" in table.column_names:
             states = _vector_column(table, "observation.state", path)
-        num_rows = len(actions)
-        if "length" in record and int(record["length"]) != num_rows:
-            raise UserError(f"{path} has {num_rows} rows but meta/episodes.jsonl gives episode {episode_index} "
-                            f"length {record['length']}")
-
+        num_rows = len(table)
         indices = np.arange(num_rows) if frame_indices is None else np.asarray(frame_indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= num_rows):
             raise UserError(f"episode {episode_index} has {num_rows} frames; asked for frames "
                             f"{indices.min()}..{indices.max()}")
-        frames = {key: self._decode(self.video_file(episode_index, key), path, num_rows, indices)
-                  for key in self.camera_keys}
-        return RawEpisode(episode_index, self._task(record, table, path), self.fps, frames, indices, actions, states)
+        frames = {}
+        for key in self.camera_keys:
+            start = None
+            if self._is_v3:
+                start = float(self._episode_record(episode_index)[f"videos/{key}/from_timestamp"])
+            frames[key] = self._decode(self.video_file(episode_index, key), path, num_rows, indices, start)
+        task = self._task(episode_index, table, path)
+        return RawEpisode(episode_index, task, self.fps, frames, indices, actions, states)
+
+    @property
+    def _meta_name(self) -> Path:
+        return self.root / "meta" / ("episodes" if self._is_v3 else "episodes.jsonl")
 
     def _episode_record(self, episode_index: int) -> dict:
         if episode_index not in self._episodes:
-            raise UserError(f"{self.root / 'meta' / 'episodes.jsonl'} has no episode {episode_index}")
+            raise UserError(f"{self._meta_name} has no episode {episode_index}")
         return self._episodes[episode_index]
 
-    def _task(self, record: dict, table: pa.Table, path: Path) -> str:
+    def _rows(self, episode_index: int) -> tuple[pa.Table, Path]:
+        """The parquet rows of one episode and the file they came from; the row count is checked."""
+        path = self.data_file(episode_index)
+        if self._is_v3:
+            # Workers walk episodes in order, so consecutive episodes mostly share a data file.
+            if self._cached_table is None or self._cached_table[0] != path:
+                self._cached_table = (path, _read_parquet(path, ROW_COLUMNS))
+            table = self._cached_table[1]
+            if "episode_index" not in table.column_names:
+                raise UserError(f"{path} has no 'episode_index' column")
+            table = table.filter(pc.equal(table.column("episode_index"), episode_index))
+        else:
+            table = _read_parquet(path, ROW_COLUMNS)
+        length = self.episode_length(episode_index)
+        if len(table) != length:
+            raise UserError(f"{path} has {len(table)} rows for episode {episode_index} but {self._meta_name} "
+                            f"gives length {length}")
+        return table, path
+
+    def _actions(self, table: pa.Table, path: Path) -> np.ndarray:
+        if not self.has_actions:
+            return np.zeros((len(table), 0), np.float32)
+        if "action" not in table.column_names:
+            raise UserError(f"{path} has no 'action' column")
+        return _vector_column(table, "action", path)
+
+    def _task(self, episode_index: int, table: pa.Table, path: Path) -> str:
         """The task of the episode's first frame, falling back to the episode record's task list."""
         if "task_index" in table.column_names and len(table):
             task_index = int(table.column("task_index")[0].as_py())
             if task_index not in self._tasks:
-                raise UserError(f"{path}: task_index {task_index} is not in meta/tasks.jsonl")
+                raise UserError(f"{path}: task_index {task_index} is not in the dataset's task table")
             return self._tasks[task_index]
-        tasks = record.get("tasks") or [""]
-        return str(tasks[0])
+        return self.episode_task(episode_index)
 
-    def _decode(self, video: Path, data: Path, num_rows: int, indices: np.ndarray) -> np.ndarray:
-        """Decode `video` sequentially and keep the frames at `indices`: [len(indices), H, W, 3] uint8."""
+    def _decode(self, video: Path, data: Path, num_rows: int, indices: np.ndarray,
+                start: float | None) -> np.ndarray:
+        """Decode the frames at `indices` of one episode: [len(indices), H, W, 3] uint8.
+
+        `start` is the episode's first timestamp in a shared v3.0 file, where frame i is the one shown
+        at start + i / fps; with None the whole file is the episode and frames count in decode order.
+        """
         if not video.is_file():
             raise UserError(f"{video} is missing")
         wanted = set(indices.tolist())
         last_wanted = max(wanted, default=-1)
         decode_all = len(wanted) == num_rows
         kept: dict[int, np.ndarray] = {}
-        count = 0
+        count = 0  # frames of this episode seen so far
+        exhausted = True  # the decode ran to the end of the episode (or file), so `count` is its length
         try:
             with av.open(str(video)) as container:
                 if not container.streams.video:
@@ -197,18 +328,35 @@ class LeRobotDataset:
                 stream.thread_type = "AUTO"
                 shape = (stream.height, stream.width, 3)
                 declared = stream.frames
+                if start:
+                    container.seek(int(start / stream.time_base), stream=stream)
                 for frame in container.decode(stream):
-                    if count in wanted:
-                        kept[count] = frame.to_ndarray(format="rgb24")
-                    count += 1
-                    # Without a full decode the container's frame count stands in for the check below.
-                    if not decode_all and count > last_wanted and declared:
-                        count = declared
-                        break
+                    if start is None:
+                        position = count
+                    elif frame.time is None:
+                        raise UserError(f"{video} has frames without timestamps; cannot find episode frames in it")
+                    else:
+                        position = round((frame.time - start) * self.fps)
+                        if position < 0:
+                            continue  # before the episode: the seek lands on an earlier keyframe
+                        if position >= num_rows:
+                            break
+                    if position in wanted:
+                        kept[position] = frame.to_ndarray(format="rgb24")
+                    count = position + 1
+                    if not decode_all and count > last_wanted:
+                        if start is not None:
+                            exhausted = False
+                            break
+                        if declared:
+                            # A v2 file's declared frame count stands in for the full decode's count.
+                            count = declared
+                            break
         except av.error.FFmpegError as err:
             raise UserError(f"{video} cannot be decoded ({err})") from err
-        if count != num_rows:
-            raise UserError(f"{video} has {count} frames but {data} has {num_rows} rows")
+        if exhausted and count != num_rows:
+            where = "" if start is None else f" from {start:.3f} s"
+            raise UserError(f"{video} has {count} frames{where} but {data} has {num_rows} rows")
         if len(kept) != len(wanted):
             raise UserError(f"{video} could not decode frames {sorted(wanted - set(kept))[:5]}")
         if not kept:

@@ -23,14 +23,12 @@ from lbva.models.weights import WeightImportError, import_wan_video_stream
 
 from .config import TrainConfig
 from .config_io import config_to_dict, dump_toml
-from .demo_dataset import build_samples
+from .data_source import build_training_data, check_data_config
 from .errors import UserError
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .packing import PackedSequence
-from .standin_encoders import StandInTextEncoder, StandInVideoEncoder
 from .step import FlowMatchingObjective, LossTerms
-from .stream import PackedStream
 
 
 @dataclass
@@ -65,33 +63,6 @@ def build_model(config: TrainConfig, device: torch.device) -> LingBotVA:
     return model.to(device)
 
 
-def check_dataset(config: TrainConfig) -> None:
-    if config.data.dataset is None:
-        raise UserError("data.dataset is not set; give a LeRobot dataset folder (e.g. data.dataset=PATH)")
-    if not (config.data.dataset / "meta" / "info.json").exists():
-        raise UserError(
-            f"data.dataset: {config.data.dataset} is not a LeRobot dataset (no meta/info.json); "
-            "run `lbva data demo PATH` to generate one"
-        )
-
-
-def load_episodes(config: TrainConfig, model: LingBotVA):
-    text_encoder = StandInTextEncoder(text_dim=model.config.text_dim, max_tokens=config.data.text_tokens)
-    samples, stats = build_samples(
-        config.data.dataset,
-        target_fps=config.data.target_fps,
-        video_encoder=StandInVideoEncoder(),
-        text_encoder=text_encoder,
-        action_channels=config.data.action_channels,
-    )
-    if samples and samples[0].latents.shape[0] != model.config.in_channels:
-        raise UserError(
-            f"data: latents have {samples[0].latents.shape[0]} channels, model.preset "
-            f"'{config.model.preset}' expects {model.config.in_channels}"
-        )
-    return samples, stats, text_encoder.encode("")
-
-
 def _loss_metrics(terms: LossTerms) -> dict[str, float]:
     metrics = {"loss": terms.total.item(), "loss_video": terms.video.item(), "loss_action": terms.action.item()}
     if terms.forward_dynamics is not None:
@@ -103,32 +74,22 @@ def train(
     config: TrainConfig, console: Console | None = None, stop: Callable[[int], bool] | None = None
 ) -> TrainResult:
     """Run optimizer steps up to config.run.steps; write config.toml, metrics.jsonl,
-    loss_curve.png, checkpoints, model.safetensors and action_stats.json into output_dir/name.
+    loss_curve.png, checkpoints, model.safetensors and data_stats.json into output_dir/name.
 
     `stop(step)` is asked after every step; when it answers True the run checkpoints and returns
     early (preemption, time limits). Returns the evaluation losses and the last step reached."""
     console = console or Console()
-    check_dataset(config)  # before building a model that may be billions of parameters
+    check_data_config(config)  # before building a model that may be billions of parameters
     device = resolve_device(config.run.device)
     run_dir = config.run.output_dir / config.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_toml(config, run_dir / "config.toml")
 
     model = build_model(config, device)
-    samples, action_stats, empty_text = load_episodes(config, model)
-    (run_dir / "action_stats.json").write_text(json.dumps(action_stats.to_dict(), indent=1))
-    objective = FlowMatchingObjective(config.objective, empty_text)
-    stream = PackedStream(
-        samples,
-        patch=model.config.patch_size,
-        window_frames=config.data.window_frames,
-        chunk_multiple=config.objective.chunk_size[1],
-        token_budget=config.data.token_budget,
-        pad_multiple=config.data.pad_multiple,
-        forward_dynamics=config.objective.forward_dynamics_weight > 0,
-        seed=config.run.seed,
-    )
-    eval_batch = stream.first_sequence()
+    data = build_training_data(config, model)
+    (run_dir / "data_stats.json").write_text(json.dumps(data.card, indent=1))
+    objective = FlowMatchingObjective(config.objective, data.empty_text)
+    stream, eval_batch = data.batches, data.eval_batch
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.run.steps, config.optim)
     state = TrainState(model, optimizer, scheduler, stream)
@@ -152,7 +113,7 @@ def train(
     batches = iter(stream)
     console.print(
         f"[bold]lbva train[/bold] {config.run.name}: preset {config.model.preset}, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(samples)} episodes, device {device}"
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, {data.description}, device {device}"
     )
 
     eval_losses: dict[int, float] = {}

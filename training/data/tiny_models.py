@@ -1,0 +1,52 @@
+"""Tiny, randomly initialised stand-ins of the real encoder checkpoints, saved in their real formats.
+
+They let the demo and the tests run the real loading and encoding code (diffusers AutoencoderKLWan,
+transformers umT5) without any model hub: the Wan2.2 VAE geometry (z_dim 48, 16x spatial with the
+2x2 pixel patch, 4x temporal) with tiny widths, and a umT5 encoder with a word-level tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def write_tiny_wan_vae(folder: Path, seed: int = 0) -> Path:
+    """A random AutoencoderKLWan of the Wan2.2 geometry, with its own latents_mean/std, saved to folder."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    generator = np.random.default_rng(seed)
+    vae = AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+        scale_factor_spatial=16, scale_factor_temporal=4,
+        latents_mean=generator.normal(0, 0.1, 48).round(4).tolist(),
+        latents_std=generator.uniform(0.5, 2.0, 48).round(4).tolist(),
+    )
+    vae.save_pretrained(folder)
+    return Path(folder)
+
+
+def write_tiny_umt5(folder: Path, words: Iterable[str], d_model: int = 32, seed: int = 0) -> Path:
+    """A random UMT5EncoderModel of width d_model and a word-level tokenizer over `words` that appends
+    </s> as T5's does, saved together in folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = UMT5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
+    UMT5EncoderModel(config).save_pretrained(folder)
+    return Path(folder)

@@ -1,0 +1,47 @@
+"""The embedded demo, end to end on the real data path with tiny random encoders:
+
+generated LeRobot v2.1 pushing world -> tiny Wan2.2-geometry VAE + tiny umT5 (random, seeded) ->
+`lbva data prepare` shards -> training of the demo-mot preset (config DEMO_BASE).
+Every stage is skipped when its output exists, so a second `lbva demo` only trains.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from .config import TrainConfig
+from .data.encoders import EncoderChoice
+from .data.prepare import PrepareConfig, prepare
+from .data.tiny_models import write_tiny_umt5, write_tiny_wan_vae
+from .demo_world import GOAL_DIRECTIONS, generate_demo_dataset
+from .trainer import TrainResult, train
+
+DEMO_WORDS = "push the red green blue block to left right top bottom".split()
+
+
+def prepare_demo_data(config: TrainConfig, root: Path, episodes: int, frames: int, console: Console) -> None:
+    """Generate, encode and shard the demo dataset into config.data.prepared[0] unless it exists."""
+    prepared = config.data.prepared[0]
+    lerobot, vae, umt5 = root / "demo-lerobot", root / "demo-models" / "vae", root / "demo-models" / "umt5"
+    if not (lerobot / "meta" / "info.json").exists():
+        console.print(f"generating the pushing world: {episodes} episodes -> {lerobot}")
+        generate_demo_dataset(lerobot, num_episodes=episodes, frames_per_episode=frames, seed=0)
+    if not (vae / "config.json").exists():
+        write_tiny_wan_vae(vae)
+    if not (umt5 / "config.json").exists():
+        write_tiny_umt5(umt5, DEMO_WORDS + list(GOAL_DIRECTIONS), d_model=32)
+    if not (prepared / "card.json").exists():
+        console.print(f"preparing shards with the tiny VAE and umT5 -> {prepared}")
+        report = prepare(PrepareConfig(
+            src=lerobot, out=prepared, source="pusher", target_fps=config.data.target_fps, action_channels=[0, 1],
+            heights=[128], widths=[128], encoders=EncoderChoice("real", vae=vae, text_encoder=umt5), workers=2,
+        ))
+        console.print(f"prepared {report.samples_written} samples in {report.shards_written} shard(s)")
+
+
+def run_demo(config: TrainConfig, episodes: int, frames: int, console: Console | None = None) -> TrainResult:
+    console = console or Console()
+    prepare_demo_data(config, config.run.output_dir, episodes, frames, console)
+    return train(config, console)
