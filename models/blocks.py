@@ -1,7 +1,9 @@
 """One transformer block of either stream (Wan2.2 block shape), split around its self-attention.
 
 The split lets a layer of the MoT run the video block and the action block up to their q/k/v,
-attend once over the joint sequence, and finish each block separately.
+attend once over the joint sequence, and finish each block separately. Each depth is one call of a
+block (`forward` in the shared layout, the video block's `joint_forward` in the MoT), so whatever
+wraps a depth from outside (FSDP's unshard, activation checkpointing, compile) hooks one method.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import AttentionKernel, CrossAttention, SelfAttention
+from .attention import AttentionKernel, AttentionKernels, CrossAttention, SelfAttention
 from .layers import FeedForward, FP32LayerNorm
 
 
@@ -59,3 +61,33 @@ class TransformerBlock(nn.Module):
             x = x + self.attn2(self.norm2(x).type_as(x), text, cross_attention)
         h = (self.norm3(x) * (1 + scale2) + shift2).type_as(x)
         return (x.float() + self.ffn(h).float() * gate2).type_as(x)
+
+    def forward(self, x: torch.Tensor, timestep_proj: torch.Tensor, rope, text: torch.Tensor, kernels: AttentionKernels):
+        """One depth of the shared layout: x [B, L, W] is the whole joint sequence."""
+        mod = self.modulation(timestep_proj)
+        q, k, v = self.attention_inputs(x, mod, rope)
+        return self.finish(x, kernels.self_attention(q, k, v), mod, text, kernels.cross_attention)
+
+    def joint_forward(
+        self,
+        action_block: TransformerBlock,
+        x_video: torch.Tensor,
+        x_action: torch.Tensor,
+        proj_video: torch.Tensor,
+        proj_action: torch.Tensor,
+        rope_video,
+        rope_action,
+        text: torch.Tensor,
+        kernels: AttentionKernels,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MoT depth, entered through its video block: per-stream q/k/v, one joint softmax over
+        [video; action], per-stream finish. -> (x_video, x_action)"""
+        mod_video = self.modulation(proj_video)
+        mod_action = action_block.modulation(proj_action)
+        qv, kv, vv = self.attention_inputs(x_video, mod_video, rope_video)
+        qa, ka, va = action_block.attention_inputs(x_action, mod_action, rope_action)
+        attended = kernels.self_attention(torch.cat([qv, qa], 1), torch.cat([kv, ka], 1), torch.cat([vv, va], 1))
+        num_video = x_video.shape[1]
+        x_video = self.finish(x_video, attended[:, :num_video], mod_video, text, kernels.cross_attention)
+        x_action = action_block.finish(x_action, attended[:, num_video:], mod_action, None, kernels.cross_attention)
+        return x_video, x_action

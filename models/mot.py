@@ -107,46 +107,15 @@ class LingBotVA(nn.Module):
             proj = torch.cat([proj_video, proj_action], dim=1)
             rope = tuple(torch.cat(pair, dim=1) for pair in zip(rope_video, rope_action))
             for block in self.blocks:
-                x = shared_layer(block, x, proj, rope, text, kernels)
+                x = block(x, proj, rope, text, kernels)
             x_video, x_action = x[:, :num_video], x[:, num_video:]
         else:
             for video_block, action_block in zip(self.blocks, self.action_blocks):
-                x_video, x_action = mot_layer(
-                    video_block, action_block, x_video, x_action, proj_video, proj_action,
-                    rope_video, rope_action, text, kernels,
+                x_video, x_action = video_block.joint_forward(
+                    action_block, x_video, x_action, proj_video, proj_action, rope_video, rope_action, text, kernels
                 )
 
         video_out = self.head(x_video, temb_video, self.scale_shift_table, self.proj_out)
         action_table = self.scale_shift_table if self.action_scale_shift_table is None else self.action_scale_shift_table
         action_out = self.action_head(x_action, temb_action, action_table, self.action_proj_out)
         return video_out, action_out
-
-
-def shared_layer(block: TransformerBlock, x, timestep_proj, rope, text, kernels: AttentionKernels):
-    mod = block.modulation(timestep_proj)
-    q, k, v = block.attention_inputs(x, mod, rope)
-    return block.finish(x, kernels.self_attention(q, k, v), mod, text, kernels.cross_attention)
-
-
-def mot_layer(
-    video_block: TransformerBlock,
-    action_block: TransformerBlock,
-    x_video,
-    x_action,
-    proj_video,
-    proj_action,
-    rope_video,
-    rope_action,
-    text,
-    kernels: AttentionKernels,
-):
-    """One MoT depth: per-stream q/k/v, one joint softmax over [video; action], per-stream finish."""
-    mod_video = video_block.modulation(proj_video)
-    mod_action = action_block.modulation(proj_action)
-    qv, kv, vv = video_block.attention_inputs(x_video, mod_video, rope_video)
-    qa, ka, va = action_block.attention_inputs(x_action, mod_action, rope_action)
-    attended = kernels.self_attention(torch.cat([qv, qa], 1), torch.cat([kv, ka], 1), torch.cat([vv, va], 1))
-    num_video = x_video.shape[1]
-    x_video = video_block.finish(x_video, attended[:, :num_video], mod_video, text, kernels.cross_attention)
-    x_action = action_block.finish(x_action, attended[:, num_video:], mod_action, None, kernels.cross_attention)
-    return x_video, x_action

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
+from .distributed import world_from_env
 from .errors import UserError
 
 
@@ -39,7 +41,8 @@ def _cmd_train(args) -> None:
     from .trainer import train
 
     result = train(config)
-    print(f"run finished: {result.run_dir} ({result.steps} steps, {result.seconds:.0f} s)")
+    if world_from_env().rank == 0:
+        print(f"run finished: {result.run_dir} ({result.steps} steps, {result.seconds:.0f} s)")
 
 
 def _cmd_demo(args) -> None:
@@ -47,11 +50,13 @@ def _cmd_demo(args) -> None:
     from .demo import run_demo
 
     config = _load_train_config(args, base=DEMO_BASE)
-    result = run_demo(config, args.episodes, args.frames)
-    steps = sorted(result.eval_losses)
-    first, last = result.eval_losses[steps[0]], result.eval_losses[steps[-1]]
-    print(f"demo finished in {result.seconds:.0f} s: eval loss {first:.4f} at step {steps[0]} -> {last:.4f} at step "
-          f"{steps[-1]} ({last / first:.2f}x); artifacts in {result.run_dir}")
+    started = time.perf_counter()
+    eval_losses = run_demo(config, args.episodes, args.frames)
+    steps = sorted(eval_losses)
+    first, last = eval_losses[steps[0]], eval_losses[steps[-1]]
+    print(f"demo finished in {time.perf_counter() - started:.0f} s: eval loss {first:.4f} at step {steps[0]} -> "
+          f"{last:.4f} at step {steps[-1]} ({last / first:.2f}x); artifacts in "
+          f"{config.run.output_dir / config.run.name}")
 
 
 def _cmd_data_demo(args) -> None:
@@ -94,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_prepare(data_commands)
 
     from lbva.checkpoints_tools.cli import register as register_checkpoint_commands
+    from lbva.parallelism.plan import register as register_plan
+
+    register_plan(commands)
 
     register_checkpoint_commands(commands, _Parser)
     return parser

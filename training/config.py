@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from lbva.models.config import PRESETS
+from lbva.parallelism.mesh import ParallelConfig
 
 from .errors import UserError
 
@@ -162,6 +163,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # The embedded demo: the procedural pushing world and the demo-mot preset, sized for 2 CPU cores.
@@ -175,4 +177,7 @@ DEMO_BASE: dict = {
     },
     # A 1.4M-parameter model learns fastest well above the 5B recipe's peak lr.
     "optim": {"lr": 1e-3},
+    # Two processes, parameters sharded by FSDP (gloo on CPU). dp_shard=2 plus tp=2 (4 processes)
+    # also works; on a 2-core machine its per-layer collectives make the demo several times slower.
+    "parallel": {"dp_shard": 2},
 }

@@ -1,22 +1,28 @@
 """The embedded demo, end to end on the real data path with tiny random encoders:
 
 generated LeRobot v2.1 pushing world -> tiny Wan2.2-geometry VAE + tiny umT5 (random, seeded) ->
-`lbva data prepare` shards -> training of the demo-mot preset (config DEMO_BASE).
+`lbva data prepare` shards -> training of the demo-mot preset (config DEMO_BASE) on two processes
+(FSDP dp_shard 2, gloo on CPU).
 Every stage is skipped when its output exists, so a second `lbva demo` only trains.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from rich.console import Console
 
 from .config import TrainConfig
+from .config_io import dump_toml
 from .data.encoders import EncoderChoice
 from .data.prepare import PrepareConfig, prepare
 from .data.tiny_models import write_tiny_umt5, write_tiny_wan_vae
 from .demo_world import GOAL_DIRECTIONS, generate_demo_dataset
-from .trainer import TrainResult, train
+from .errors import UserError
+from .metrics import read_metrics
+from .trainer import train
 
 DEMO_WORDS = "push the red green blue block to left right top bottom".split()
 
@@ -41,7 +47,27 @@ def prepare_demo_data(config: TrainConfig, root: Path, episodes: int, frames: in
         console.print(f"prepared {report.samples_written} samples in {report.shards_written} shard(s)")
 
 
-def run_demo(config: TrainConfig, episodes: int, frames: int, console: Console | None = None) -> TrainResult:
+def world_size_of(config: TrainConfig) -> int:
+    p = config.parallel
+    return p.pp * p.dp_replicate * max(p.dp_shard, 1) * p.cp * p.tp
+
+
+def run_demo(config: TrainConfig, episodes: int, frames: int, console: Console | None = None) -> dict[int, float]:
+    """Prepare the demo data, then train: in this process for a one-process layout, else under
+    torchrun (standalone, one process per rank) with the resolved config. Returns the evaluation
+    loss per logged step."""
     console = console or Console()
     prepare_demo_data(config, config.run.output_dir, episodes, frames, console)
-    return train(config, console)
+    nproc = world_size_of(config)
+    if nproc == 1:
+        return train(config, console).eval_losses
+    run_dir = config.run.output_dir / config.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    launch_config = run_dir / "launch.toml"
+    dump_toml(config, launch_config)
+    console.print(f"launching {nproc} processes: torchrun --standalone --nproc-per-node {nproc} lbva train")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "lbva.training.cli", "train", "--config", str(launch_config)]
+    if subprocess.run(command).returncode != 0:
+        raise UserError(f"the demo's training processes failed; see the output above and {run_dir}")
+    return {r["step"]: r["loss_eval"] for r in read_metrics(run_dir / "metrics.jsonl")}

@@ -3,6 +3,7 @@ the attention kernels for its layout, run the model and compute the loss terms (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from lbva.models.mot import LingBotVA, ModelInputs
 from lbva.models.patching import input_to_output_order
 
 from .config import ObjectiveConfig
-from .objectives import FlowMatchGrid, add_noise, per_frame_weighted_mse, velocity_target
+from .objectives import FlowMatchGrid, add_noise, per_frame_sums, velocity_target, weighted_frame_mean
 from .packing import PackedSequence
 
 
@@ -37,6 +38,48 @@ class LossTerms:
     video: torch.Tensor
     action: torch.Tensor
     forward_dynamics: torch.Tensor | None
+
+
+@dataclass
+class LossTargets:
+    """Per-token loss inputs in the order of the model's outputs (dim 0 shards like the tokens)."""
+
+    video_target: torch.Tensor  # [Lv, pt*ph*pw*C] velocity, patch-major like the video head
+    video_role: torch.Tensor  # [Lv]
+    video_slot: torch.Tensor  # [Lv]
+    action_target: torch.Tensor  # [La, action_dim], zero on unused channels
+    action_mask: torch.Tensor  # [La, action_dim] bool: supervised channels of noisy action tokens
+    action_slot: torch.Tensor  # [La]
+    video_weight: torch.Tensor  # [G] loss weight of each frame slot's drawn noise level
+    action_weight: torch.Tensor  # [G]
+    forward_dynamics: bool  # whether the whole sequence holds forward-dynamics copies
+
+
+@dataclass
+class StepBatch:
+    """One packed sequence ready for the model: inputs, the mask metadata and the loss targets."""
+
+    inputs: ModelInputs  # batch of one
+    layout: TokenLayout  # [1, Lv + La], video first
+    text_sample: torch.Tensor  # [1, T] sample id of each text token
+    targets: LossTargets
+
+    @property
+    def num_video(self) -> int:
+        return self.inputs.video_tokens.shape[1]
+
+    @property
+    def num_action(self) -> int:
+        return self.inputs.action_tokens.shape[1]
+
+
+# (per-frame sums [G], per-frame counts [G]) -> the same over every rank holding part of the frames
+FrameReduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def no_reduce(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FrameReduce of a rank that holds every token of its sequence."""
+    return sums, counts
 
 
 def _randint(low: int, high: int, generator: torch.Generator) -> int:
@@ -71,33 +114,79 @@ class FlowMatchingObjective:
     def __call__(
         self, model: LingBotVA, seq: PackedSequence, draws: StepDraws, backend: Backend, device: torch.device
     ) -> LossTerms:
-        seq_dev = {name: getattr(seq, name).to(device) for name in _TENSOR_FIELDS}
-        video_sigma, video_t, video_in = self._noised_video(seq_dev, draws, device)
-        action_sigma, action_t, action_in = self._noised_actions(seq_dev, draws, device)
+        batch = self.prepare(seq, draws, model.config.patch_size, device)
+        kernels = build_kernels(batch.layout, batch.layout.sample_id, batch.text_sample, backend)
+        video_pred, action_pred = model(batch.inputs, kernels)
+        return self.losses(batch.targets, video_pred[0], action_pred[0])
 
+    def prepare(
+        self, seq: PackedSequence, draws: StepDraws, patch: tuple[int, int, int], device: torch.device
+    ) -> StepBatch:
+        """Everything before the model call: noised inputs, the mask metadata, the loss targets.
+        Parallel layouts shard (context parallel) or split into microbatches (pipeline) this."""
+        s = {name: getattr(seq, name).to(device) for name in _TENSOR_FIELDS}
+        _, video_t, video_in = self._noised_video(s, draws, device)
+        _, action_t, action_in = self._noised_actions(s, draws, device)
         text = torch.where(draws.text_dropped[:, None, None], self.empty_text, seq.text).to(device)
         text_sample = torch.arange(text.shape[0], device=device).repeat_interleave(text.shape[1])
         layout = TokenLayout(
-            sample_id=torch.cat([seq_dev["video_sample"], seq_dev["action_sample"]])[None],
+            sample_id=torch.cat([s["video_sample"], s["action_sample"]])[None],
             chunk_id=torch.cat([
-                2 * (seq_dev["video_frame"] // draws.chunk_size),
-                2 * (seq_dev["action_frame"] // draws.chunk_size) + 1,
+                2 * (s["video_frame"] // draws.chunk_size),
+                2 * (s["action_frame"] // draws.chunk_size) + 1,
             ])[None],
-            role=torch.cat([seq_dev["video_role"], seq_dev["action_role"]])[None],
+            role=torch.cat([s["video_role"], s["action_role"]])[None],
             window=draws.window,
         )
-        kernels = build_kernels(layout, layout.sample_id, text_sample[None], backend)
         inputs = ModelInputs(
             video_tokens=video_in[None],
             video_timesteps=video_t[None],
-            video_positions=seq_dev["video_positions"][None],
+            video_positions=s["video_positions"][None],
             action_tokens=action_in[None],
             action_timesteps=action_t[None],
-            action_positions=seq_dev["action_positions"][None],
+            action_positions=s["action_positions"][None],
             text=text.flatten(0, 1)[None],
         )
-        video_pred, action_pred = model(inputs, kernels)
-        return self._losses(seq, seq_dev, draws, video_pred[0], action_pred[0], model.config.patch_size, device)
+        noisy_actions = (s["action_role"] == NOISY)[:, None]
+        targets = LossTargets(
+            video_target=input_to_output_order(velocity_target(s["video_x0"], draws.video_noise.to(device)), patch),
+            video_role=s["video_role"],
+            video_slot=s["video_slot"],
+            action_target=velocity_target(s["action_x0"], draws.action_noise.to(device)) * s["action_channels"],
+            action_mask=s["action_channels"] & s["action_supervised"][:, None] & noisy_actions,
+            action_slot=s["action_slot"],
+            video_weight=self.video_grid.weights.to(device)[draws.video_index.to(device)],
+            action_weight=self.action_grid.weights.to(device)[draws.action_index.to(device)],
+            forward_dynamics=bool((s["video_role"] == NOISY_FDM).any()),
+        )
+        return StepBatch(inputs, layout, text_sample[None], targets)
+
+    def losses(
+        self, targets: LossTargets, video_pred: torch.Tensor, action_pred: torch.Tensor,
+        reduce_frames: FrameReduce = no_reduce,
+    ) -> LossTerms:
+        """The loss terms from predictions [Lv, D] and [La, action_dim] of the tokens `targets`
+        holds; reduce_frames completes each term's per-frame sums when those tokens are a shard."""
+        frames = targets.video_weight.shape[0]
+
+        def term(prediction, target, element_mask, slot, weight) -> torch.Tensor:
+            sums, counts = reduce_frames(*per_frame_sums(prediction, target, element_mask, slot, frames))
+            return weighted_frame_mean(sums, counts, weight)
+
+        def video_term(role: int) -> torch.Tensor:
+            chosen = (targets.video_role == role)[:, None].expand_as(targets.video_target)
+            return term(video_pred, targets.video_target, chosen, targets.video_slot, targets.video_weight)
+
+        video_loss = video_term(NOISY)
+        action_loss = term(
+            action_pred, targets.action_target, targets.action_mask, targets.action_slot, targets.action_weight
+        )
+        total = video_loss + self.config.action_weight * action_loss
+        fdm_loss = None
+        if targets.forward_dynamics:
+            fdm_loss = video_term(NOISY_FDM)
+            total = total + self.config.forward_dynamics_weight * fdm_loss
+        return LossTerms(total=total, video=video_loss, action=action_loss, forward_dynamics=fdm_loss)
 
     def _noised_video(self, s: dict, draws: StepDraws, device):
         noise = draws.video_noise.to(device)
@@ -118,33 +207,6 @@ class FlowMatchingObjective:
         noised = add_noise(s["action_x0"], noise, sigma[:, None])
         # Unused channels carry nothing, in the input as in the target (spec 3.2).
         return sigma, sigma * 1000.0, noised * s["action_channels"]
-
-    def _losses(self, seq, s, draws, video_pred, action_pred, patch, device) -> LossTerms:
-        video_weight = self.video_grid.weights.to(device)[draws.video_index.to(device)]
-        action_weight = self.action_grid.weights.to(device)[draws.action_index.to(device)]
-        video_target = input_to_output_order(velocity_target(s["video_x0"], draws.video_noise.to(device)), patch)
-
-        def video_term(role: int) -> torch.Tensor:
-            chosen = s["video_role"] == role
-            return per_frame_weighted_mse(
-                video_pred[chosen], video_target[chosen], torch.ones_like(video_target[chosen], dtype=torch.bool),
-                s["video_slot"][chosen], video_weight,
-            )
-
-        noisy_actions = s["action_role"] == NOISY
-        action_mask = s["action_channels"] & s["action_supervised"][:, None]
-        action_target = velocity_target(s["action_x0"], draws.action_noise.to(device)) * s["action_channels"]
-        action_loss = per_frame_weighted_mse(
-            action_pred[noisy_actions], action_target[noisy_actions], action_mask[noisy_actions],
-            s["action_slot"][noisy_actions], action_weight,
-        )
-        video_loss = video_term(NOISY)
-        total = video_loss + self.config.action_weight * action_loss
-        fdm_loss = None
-        if bool((s["video_role"] == NOISY_FDM).any()):
-            fdm_loss = video_term(NOISY_FDM)
-            total = total + self.config.forward_dynamics_weight * fdm_loss
-        return LossTerms(total=total, video=video_loss, action=action_loss, forward_dynamics=fdm_loss)
 
 
 _TENSOR_FIELDS = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from safetensors.torch import save_file
 
 from lbva.checkpoints_tools.manager import (
@@ -20,10 +22,15 @@ from lbva.checkpoints_tools.train_state import TrainState
 from lbva.models.config import get_preset
 from lbva.models.mot import LingBotVA
 from lbva.models.weights import WeightImportError, import_wan_video_stream
+from lbva.parallelism.context_parallel import ContextParallel, ContextParallelObjective
+from lbva.parallelism.grad_norm import clip_grad_norm_
+from lbva.parallelism.mesh import MESH_DIMS, ParallelDims
+from lbva.parallelism.parallelize import parallelize
 
 from .config import TrainConfig
 from .config_io import config_to_dict, dump_toml
 from .data_source import build_training_data, check_data_config
+from .distributed import checkpoint_group, init_distributed, mean_over, world_from_env
 from .errors import UserError
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler, lr_factor
@@ -39,12 +46,12 @@ class TrainResult:
     seconds: float
 
 
-def resolve_device(choice: str) -> torch.device:
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("run.device is 'cuda' but no CUDA device is available")
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", local_rank) if choice == "cuda" else torch.device("cpu")
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -73,22 +80,42 @@ def _loss_metrics(terms: LossTerms) -> dict[str, float]:
 def train(
     config: TrainConfig, console: Console | None = None, stop: Callable[[int], bool] | None = None
 ) -> TrainResult:
-    """Run optimizer steps up to config.run.steps; write config.toml, metrics.jsonl,
-    loss_curve.png, checkpoints, model.safetensors and data_stats.json into output_dir/name.
+    """Run optimizer steps up to config.run.steps on this process's share of the parallel layout
+    (one process, or one rank under torchrun); write config.toml, metrics.jsonl, loss_curve.png,
+    checkpoints, model.safetensors and data_stats.json into output_dir/name (rank 0 writes).
 
-    `stop(step)` is asked after every step; when it answers True the run checkpoints and returns
-    early (preemption, time limits). Returns the evaluation losses and the last step reached."""
-    console = console or Console()
+    `stop(step)` is asked after every step, on every rank; when it answers True the run
+    checkpoints and returns early (preemption, time limits): the answer must agree across ranks.
+    Returns the evaluation losses and the last step reached."""
     check_data_config(config)  # before building a model that may be billions of parameters
-    device = resolve_device(config.run.device)
+    world = world_from_env()
+    device = resolve_device(config.run.device, world.local_rank)
+    dims = ParallelDims.resolve(
+        config.parallel, world.world_size, model=get_preset(config.model.preset),
+        token_budget=config.data.token_budget, pad_multiple=config.data.pad_multiple,
+    )
+    if dims.pp_enabled:
+        raise UserError("parallel.pp > 1: the trainer runs dp/tp/cp/FSDP layouts; pipeline stages are "
+                        "built and tested in parallelism/pipeline.py but not wired into this loop yet")
+    init_distributed(world, device)
+    mesh = dims.build_mesh(device.type) if world.distributed else None
+    logging_rank = mesh is None or mesh.is_logging_rank
+    console = console if logging_rank and console is not None else Console(quiet=not logging_rank)
     run_dir = config.run.output_dir / config.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_toml(config, run_dir / "config.toml")
+    if logging_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_toml(config, run_dir / "config.toml")
 
     model = build_model(config, device)
-    data = build_training_data(config, model)
-    (run_dir / "data_stats.json").write_text(json.dumps(data.card, indent=1))
+    if mesh is not None:
+        model = parallelize(model, mesh, config.parallel)
+    dp_group = mesh.dp.get_group() if mesh is not None and dims.dp_enabled else None
+    data = build_training_data(config, model, mesh.dp_rank if mesh is not None else 0, dims.dp_size)
+    if logging_rank:
+        (run_dir / "data_stats.json").write_text(json.dumps(data.card, indent=1))
     objective = FlowMatchingObjective(config.objective, data.empty_text)
+    if dims.cp_enabled:
+        objective = ContextParallelObjective(objective, ContextParallel.from_mesh(mesh))
     stream, eval_batch = data.batches, data.eval_batch
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.run.steps, config.optim)
@@ -97,11 +124,13 @@ def train(
         run_dir / "checkpoints",
         RetentionPolicy(config.checkpoint.keep_last, config.checkpoint.keep_every),
         async_save=config.checkpoint.async_save,
+        process_group=checkpoint_group(),
     )
     # JSON round trip: the comparison on resume sees what was written (tuples become lists).
-    checkpoint_meta = json.loads(json.dumps(
-        {"model": asdict(model.config), "preset": config.model.preset, "config": config_to_dict(config)}
-    ))
+    checkpoint_meta = json.loads(json.dumps({
+        "model": asdict(model.config), "preset": config.model.preset, "config": config_to_dict(config),
+        "layout": asdict(dims),
+    }))
     resume_from = resolve_resume(config, run_dir)
     if resume_from is not None:
         load_checkpoint(checkpoints, resume_from, state, checkpoint_meta)
@@ -111,22 +140,29 @@ def train(
         console.print(f"resumed from {resume_from} at step {state.step}")
     saved_step = state.step  # the newest step already on disk (0: none)
     batches = iter(stream)
+    ledger = stack_ledger(run_dir, mesh)
+    layout = " x ".join(f"{name} {getattr(dims, name)}" for name in MESH_DIMS if getattr(dims, name) > 1)
     console.print(
         f"[bold]lbva train[/bold] {config.run.name}: preset {config.model.preset}, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters, {data.description}, device {device}"
+        f"{count_parameters(model):,} parameters, {data.description}, device {device}, "
+        f"{world.world_size} process(es){', ' + layout if layout else ''}"
     )
 
     eval_losses: dict[int, float] = {}
     started = time.perf_counter()
-    with MetricsLogger(
-        run_dir, total_steps=config.run.steps, wandb_mode=config.run.wandb, wandb_project=config.run.wandb_project,
-        run_name=config.run.name, run_id=config.run.name, config=config_to_dict(config), console=console,
-        start_step=state.step,
-    ) as logger:
+    with contextlib.ExitStack() as stack:
+        logger = stack.enter_context(MetricsLogger(
+            run_dir, total_steps=config.run.steps, wandb_mode=config.run.wandb,
+            wandb_project=config.run.wandb_project, run_name=config.run.name, run_id=config.run.name,
+            config=config_to_dict(config), console=console, start_step=state.step,
+        )) if logging_rank else None
         window_sums: dict[str, float] = {}
         window_tokens, window_start = 0, time.perf_counter()
         for step in range(state.step + 1, config.run.steps + 1):
             seq = next(batches)
+            if ledger is not None:
+                ledger.write(json.dumps({"step": step, "windows": seq.window_keys}) + "\n")
+                ledger.flush()
             terms, grad_norm = train_step(model, objective, seq, optimizer, config, device, step)
             scheduler.step()
             state.step = step
@@ -140,11 +176,16 @@ def train(
             if step % config.run.log_every == 0 or step == config.run.steps:
                 steps_in_window = (step - 1) % config.run.log_every + 1
                 elapsed = time.perf_counter() - window_start
-                eval_losses[step] = evaluate(model, objective, eval_batch, config, device)
-                metrics = {key: total / steps_in_window for key, total in window_sums.items()}
+                eval_losses[step] = mean_over(evaluate(model, objective, eval_batch, config, device), dp_group, device)
+                metrics = {
+                    key: mean_over(total / steps_in_window, dp_group, device) for key, total in window_sums.items()
+                }
+                # grad_norm is global already; tokens add up over the data-parallel ranks.
+                metrics["grad_norm"] = window_sums["grad_norm"] / steps_in_window
                 metrics.update(loss_eval=eval_losses[step], lr=scheduler.get_last_lr()[0],
-                               tokens_per_s=window_tokens / elapsed)
-                logger.log(step, metrics)
+                               tokens_per_s=window_tokens * dims.dp_size / elapsed)
+                if logger is not None:
+                    logger.log(step, metrics)
                 window_sums, window_tokens, window_start = {}, 0, time.perf_counter()
             if stop is not None and stop(step):
                 console.print(f"stopping at step {step} as asked; checkpointing")
@@ -152,10 +193,46 @@ def train(
         if saved_step != state.step:
             checkpoints.save(state.step, {"train": state}, checkpoint_meta)
         checkpoints.wait()
+    if ledger is not None:
+        ledger.close()
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, run_dir / "model.safetensors")
-    (run_dir / "model_config.json").write_text(json.dumps(asdict(model.config), indent=1))
+    full_weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if logging_rank:
+        save_file({k: v.detach().contiguous() for k, v in full_weights.items()}, run_dir / "model.safetensors")
+        (run_dir / "model_config.json").write_text(json.dumps(asdict(model.config), indent=1))
+    if world.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
     return TrainResult(run_dir, state.step, eval_losses, time.perf_counter() - started)
+
+
+def stack_ledger(run_dir: Path, mesh):
+    """The sample ledger of this data-parallel rank: one JSON line per step naming the windows it
+    trained on (run_dir/ledger/dp{rank}.jsonl, appended across restarts; a resumed run rewrites the
+    steps after its checkpoint, so the last line of a step is the one that counts). Written by one
+    rank per data-parallel group; None on the others."""
+    if mesh is not None and any(mesh[name].size() > 1 and mesh[name].get_local_rank() > 0 for name in ("tp", "cp")):
+        return None
+    dp_rank = mesh.dp_rank if mesh is not None else 0
+    folder = run_dir / "ledger"
+    folder.mkdir(parents=True, exist_ok=True)
+    return (folder / f"dp{dp_rank}.jsonl").open("a")
+
+
+def read_ledger(run_dir: Path) -> dict[tuple[int, int], list[str]]:
+    """(dp rank, step) -> windows, the last write of each step winning."""
+    entries: dict[tuple[int, int], list[str]] = {}
+    for path in sorted((run_dir / "ledger").glob("dp*.jsonl")):
+        dp_rank = int(path.stem[2:])
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            entries[(dp_rank, record["step"])] = record["windows"]
+    return entries
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Full (unsharded) parameter count, also when parameters are DTensor shards."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def resolve_resume(config: TrainConfig, run_dir: Path) -> Path | None:
@@ -206,7 +283,7 @@ def train_step(model, objective, seq: PackedSequence, optimizer, config: TrainCo
     with _autocast(device):
         terms = objective(model, seq, draws, config.model.attention, device)
     terms.total.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip).item()
+    grad_norm = clip_grad_norm_(model.parameters(), config.optim.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return terms, grad_norm

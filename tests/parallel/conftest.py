@@ -1,0 +1,80 @@
+"""Shared fixtures of the parallel tests: tiny packed sequences and parity cases (one sequence and
+one set of draws per step and data-parallel rank) that the spawned ranks and the single-process
+reference both train on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from helpers import random_sample
+from lbva.models.config import get_preset
+from lbva.parallelism.harness import TrainCase, TrainRecord
+from lbva.training.config import ObjectiveConfig, OptimConfig
+from lbva.training.packing import PackedSequence, build_packed_sequence, cut_windows
+from lbva.training.step import FlowMatchingObjective
+
+PATCH = (1, 2, 2)
+PAD_MULTIPLE = 32
+# AdamW's update g / (|g| + eps) turns a gradient's last-bit differences into parameter differences
+# of up to lr where |g| is near eps; eps 1e-5 keeps such elements damped so 1e-5 is a fair bound.
+PARITY_OPTIM = OptimConfig(lr=1e-3, eps=1e-5)  # each stream's token count splits evenly over tp x cp up to 32 ranks
+
+
+def tiny_sequence(seed: int, *, text_dim: int = 32) -> PackedSequence:
+    """Two 3-frame episodes of 4 x 4 latents packed into one sequence (64 video + 32 action tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = [
+        random_sample(f"src{i}/{seed}", generator, frames=3, height=4, width=4, text_dim=text_dim) for i in range(2)
+    ]
+    windows = [w for s in samples for w in cut_windows(s, 3, 1)]
+    return build_packed_sequence(windows, PATCH, pad_multiple=PAD_MULTIPLE, forward_dynamics=False)
+
+
+def make_parity_case(preset: str = "tiny-mot", dp_size: int = 1, steps: int = 3, seed: int = 0) -> TrainCase:
+    """`steps` optimizer steps of `dp_size` sequences each, with fixed draws."""
+    text_dim = get_preset(preset).text_dim
+    objective_config = ObjectiveConfig()
+    empty_text = torch.zeros(6, text_dim)
+    objective = FlowMatchingObjective(objective_config, empty_text)
+    batches = []
+    for step in range(steps):
+        step_batches = []
+        for dp_rank in range(dp_size):
+            seq = tiny_sequence(seed * 1000 + step * dp_size + dp_rank, text_dim=text_dim)
+            draws = objective.draw(seq, torch.Generator().manual_seed(seed * 1000 + step * dp_size + dp_rank))
+            step_batches.append((seq, draws))
+        batches.append(step_batches)
+    return TrainCase(
+        preset=preset, batches=batches, objective=objective_config, empty_text=empty_text,
+        optim=PARITY_OPTIM, seed=seed, pad_multiple=PAD_MULTIPLE,
+    )
+
+
+@pytest.fixture(scope="session")
+def parity_case() -> Callable[..., TrainCase]:
+    """make_parity_case(preset="tiny-mot", dp_size=1, steps=3, seed=0) -> TrainCase."""
+    return make_parity_case
+
+
+def check_parity(reference: TrainRecord, run: TrainRecord, tolerance: float = 1e-5) -> None:
+    """Losses within `tolerance` relative, first-step gradients within `tolerance` of each tensor's
+    largest entry, final parameters within `tolerance` absolute; the same parameter names."""
+    assert run.parameters.keys() == reference.parameters.keys()
+    assert run.gradients.keys() == reference.gradients.keys()
+    for step, (expected, got) in enumerate(zip(reference.losses, run.losses, strict=True)):
+        assert abs(got - expected) <= tolerance * abs(expected), f"step {step}: loss {got} vs {expected}"
+    for name, expected in reference.gradients.items():
+        error = (run.gradients[name] - expected).abs().max().item()
+        assert error <= tolerance * expected.abs().max().item(), f"gradient of {name}: off by {error:.2e}"
+    for name, expected in reference.parameters.items():
+        error = (run.parameters[name] - expected).abs().max().item()
+        assert error <= tolerance, f"{name}: off by {error:.2e}"
+
+
+@pytest.fixture(scope="session")
+def assert_parity() -> Callable[[TrainRecord, TrainRecord], None]:
+    """check_parity(reference, run, tolerance=1e-5)."""
+    return check_parity
