@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,13 +29,34 @@ def world_from_env() -> WorldInfo:
     )
 
 
+def _attempt_store(world: WorldInfo):
+    """Under torchrun's elastic agent, a store private to this restart attempt.
+
+    The workers' default store is the agent's, under a prefix that does not change across restarts,
+    so a restarted group can read a peer address the previous attempt published and fail to
+    connect (seen with gloo). Prefixing by the restart count gives every attempt clean keys."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.world_size, is_master=False,
+        timeout=timedelta(minutes=10),
+    )
+    return dist.PrefixStore(f"/lbva/attempt{restart}", agent_store)
+
+
 def init_distributed(world: WorldInfo, device: torch.device) -> None:
     """NCCL on GPUs, gloo on CPUs; a no-op for a single process or an existing group."""
     if not world.distributed or dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(world.local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    store = _attempt_store(world)
+    if store is None:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.world_size)
 
 
 def checkpoint_group():
