@@ -52,6 +52,9 @@ class ParallelConfig:
     # "auto": compile each depth on CUDA, not on CPU (compiling the tiny CPU models costs more
     # than it saves and the CPU tests must stay fast).
     compile: Literal["auto", "on", "off"] = "auto"
+    # FP8 for the video stream's block linears (parallelism/fp8.py): torchao float8 (composes with
+    # DTensor and FSDP2) or Transformer Engine (NGC containers; not combined with tp > 1).
+    fp8: Literal["none", "torchao", "te"] = "none"
 
 
 @dataclass(frozen=True)

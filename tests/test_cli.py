@@ -83,3 +83,16 @@ def test_ckpt_verify_names_a_truncated_shard(tmp_path):
 
 def test_import_with_an_unknown_preset(tmp_path):
     assert_one_line_error(run("import", "wan", str(tmp_path), str(tmp_path / "out"), "--preset", "huge"), "--preset")
+
+
+def test_fp8_on_a_machine_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from lbva.training.demo_world import generate_demo_dataset
+
+    dataset = generate_demo_dataset(tmp_path / "d", num_episodes=1, frames_per_episode=21, image_size=64)
+    result = run("train", "model.preset=tiny-mot", f"data.dataset={dataset}", "data.action_channels=[0, 1]",
+                 f"run.output_dir={tmp_path}", "parallel.fp8=torchao")
+    assert_one_line_error(result, "parallel.fp8=torchao", "CUDA")

@@ -23,6 +23,7 @@ from lbva.models.config import get_preset
 from lbva.models.mot import LingBotVA
 from lbva.models.weights import WeightImportError, import_wan_video_stream
 from lbva.parallelism.context_parallel import ContextParallel, ContextParallelObjective
+from lbva.parallelism.fp8 import apply_fp8
 from lbva.parallelism.grad_norm import clip_grad_norm_
 from lbva.parallelism.mesh import MESH_DIMS, ParallelDims
 from lbva.parallelism.parallelize import parallelize
@@ -107,6 +108,10 @@ def train(
         dump_toml(config, run_dir / "config.toml")
 
     model = build_model(config, device)
+    if config.parallel.fp8 == "te" and dims.tp_enabled:
+        raise UserError("parallel.fp8=te with parallel.tp > 1: TE layers hold plain local shards, which "
+                        "the DTensor TP plan does not compose with; use parallel.fp8=torchao")
+    fp8 = apply_fp8(model, config.parallel.fp8, option="parallel.fp8", fsdp_float8_all_gather=dims.fsdp_enabled)
     if mesh is not None:
         model = parallelize(model, mesh, config.parallel)
     dp_group = mesh.dp.get_group() if mesh is not None and dims.dp_enabled else None
@@ -163,7 +168,9 @@ def train(
             if ledger is not None:
                 ledger.write(json.dumps({"step": step, "windows": seq.window_keys}) + "\n")
                 ledger.flush()
-            terms, grad_norm = train_step(model, objective, seq, optimizer, config, device, step)
+            with fp8.autocast():
+                terms, grad_norm = train_step(model, objective, seq, optimizer, config, device, step)
+            fp8.after_optimizer_step()
             scheduler.step()
             state.step = step
             checkpoints.poll()
