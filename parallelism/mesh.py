@@ -55,6 +55,9 @@ class ParallelConfig:
     # FP8 for the video stream's block linears (parallelism/fp8.py): torchao float8 (composes with
     # DTensor and FSDP2) or Transformer Engine (NGC containers; not combined with tp > 1).
     fp8: Literal["none", "torchao", "te"] = "none"
+    # Packed sequences per data-parallel rank per optimizer step: the pipeline's microbatches
+    # (>= pp keeps every stage busy). Without pipeline stages it must be 1.
+    microbatches: int = 1
 
 
 @dataclass(frozen=True)

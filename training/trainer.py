@@ -27,6 +27,7 @@ from lbva.parallelism.fp8 import apply_fp8
 from lbva.parallelism.grad_norm import clip_grad_norm_
 from lbva.parallelism.mesh import MESH_DIMS, ParallelDims
 from lbva.parallelism.parallelize import parallelize
+from lbva.parallelism.pipeline import build_pipeline
 
 from .config import TrainConfig
 from .config_io import config_to_dict, dump_toml
@@ -71,7 +72,9 @@ def build_model(config: TrainConfig, device: torch.device) -> LingBotVA:
     return model.to(device)
 
 
-def _loss_metrics(terms: LossTerms) -> dict[str, float]:
+def _loss_metrics(terms: LossTerms | None) -> dict[str, float]:
+    if terms is None:  # a pipeline rank without the last stage: the logging rank reports losses
+        return {}
     metrics = {"loss": terms.total.item(), "loss_video": terms.video.item(), "loss_action": terms.action.item()}
     if terms.forward_dynamics is not None:
         metrics["loss_fdm"] = terms.forward_dynamics.item()
@@ -95,13 +98,16 @@ def train(
         config.parallel, world.world_size, model=get_preset(config.model.preset),
         token_budget=config.data.token_budget, pad_multiple=config.data.pad_multiple,
     )
-    if dims.pp_enabled:
-        raise UserError("parallel.pp > 1: the trainer runs dp/tp/cp/FSDP layouts; pipeline stages are "
-                        "built and tested in parallelism/pipeline.py but not wired into this loop yet")
+    if dims.pp_enabled and config.parallel.pp_virtual_stages > 1:
+        raise UserError("parallel.pp_virtual_stages > 1: the trainer drives one pipeline stage per rank (1F1B); "
+                        "interleaved stages are built and tested in parallelism/pipeline.py only")
+    if not dims.pp_enabled and config.parallel.microbatches != 1:
+        raise UserError(f"parallel.microbatches={config.parallel.microbatches} needs pipeline stages (parallel.pp > 1)")
     init_distributed(world, device)
     mesh = dims.build_mesh(device.type) if world.distributed else None
     logging_rank = mesh is None or mesh.is_logging_rank
-    console = console if logging_rank and console is not None else Console(quiet=not logging_rank)
+    # soft_wrap: job logs are not terminals; rich would wrap lines at 80 columns there.
+    console = console if logging_rank and console is not None else Console(quiet=not logging_rank, soft_wrap=True)
     run_dir = config.run.output_dir / config.run.name
     if logging_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,15 +118,20 @@ def train(
         raise UserError("parallel.fp8=te with parallel.tp > 1: TE layers hold plain local shards, which "
                         "the DTensor TP plan does not compose with; use parallel.fp8=torchao")
     fp8 = apply_fp8(model, config.parallel.fp8, option="parallel.fp8", fsdp_float8_all_gather=dims.fsdp_enabled)
-    if mesh is not None:
-        model = parallelize(model, mesh, config.parallel)
-    dp_group = mesh.dp.get_group() if mesh is not None and dims.dp_enabled else None
     data = build_training_data(config, model, mesh.dp_rank if mesh is not None else 0, dims.dp_size)
+    objective = FlowMatchingObjective(config.objective, data.empty_text)
+    pipeline = None
+    if dims.pp_enabled:
+        pipeline = build_pipeline(model, mesh, config.parallel, objective, config.model.attention)
+        model = pipeline.model_parts[0]  # this rank's stage, with the full model's parameter names
+    elif mesh is not None:
+        model = parallelize(model, mesh, config.parallel)
+    if dims.cp_enabled and pipeline is None:
+        objective = ContextParallelObjective(objective, ContextParallel.from_mesh(mesh))
+    dp_group = mesh.dp.get_group() if mesh is not None and dims.dp_enabled else None
+    pp_group = mesh["pp"].get_group() if pipeline is not None else None
     if logging_rank:
         (run_dir / "data_stats.json").write_text(json.dumps(data.card, indent=1))
-    objective = FlowMatchingObjective(config.objective, data.empty_text)
-    if dims.cp_enabled:
-        objective = ContextParallelObjective(objective, ContextParallel.from_mesh(mesh))
     stream, eval_batch = data.batches, data.eval_batch
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.run.steps, config.optim)
@@ -164,12 +175,17 @@ def train(
         window_sums: dict[str, float] = {}
         window_tokens, window_start = 0, time.perf_counter()
         for step in range(state.step + 1, config.run.steps + 1):
-            seq = next(batches)
+            seqs = [next(batches) for _ in range(config.parallel.microbatches)]
             if ledger is not None:
-                ledger.write(json.dumps({"step": step, "windows": seq.window_keys}) + "\n")
+                windows = [key for seq in seqs for key in seq.window_keys]
+                ledger.write(json.dumps({"step": step, "windows": windows}) + "\n")
                 ledger.flush()
             with fp8.autocast():
-                terms, grad_norm = train_step(model, objective, seq, optimizer, config, device, step)
+                if pipeline is None:
+                    terms, grad_norm = train_step(model, objective, seqs[0], optimizer, config, device, step)
+                else:
+                    terms, grad_norm = pipeline_step(pipeline, objective, seqs, optimizer, config, device, step,
+                                                     pp_group)
             fp8.after_optimizer_step()
             scheduler.step()
             state.step = step
@@ -179,18 +195,22 @@ def train(
                 saved_step = step
             for key, value in {**_loss_metrics(terms), "grad_norm": grad_norm}.items():
                 window_sums[key] = window_sums.get(key, 0.0) + value
-            window_tokens += seq.real_tokens
+            window_tokens += sum(seq.real_tokens for seq in seqs)
             if step % config.run.log_every == 0 or step == config.run.steps:
                 steps_in_window = (step - 1) % config.run.log_every + 1
                 elapsed = time.perf_counter() - window_start
-                eval_losses[step] = mean_over(evaluate(model, objective, eval_batch, config, device), dp_group, device)
+                if pipeline is None:  # the evaluation batch runs forward-only, which the schedule does not
+                    eval_losses[step] = mean_over(
+                        evaluate(model, objective, eval_batch, config, device), dp_group, device
+                    )
                 metrics = {
                     key: mean_over(total / steps_in_window, dp_group, device) for key, total in window_sums.items()
                 }
                 # grad_norm is global already; tokens add up over the data-parallel ranks.
                 metrics["grad_norm"] = window_sums["grad_norm"] / steps_in_window
-                metrics.update(loss_eval=eval_losses[step], lr=scheduler.get_last_lr()[0],
-                               tokens_per_s=window_tokens * dims.dp_size / elapsed)
+                if step in eval_losses:
+                    metrics["loss_eval"] = eval_losses[step]
+                metrics.update(lr=scheduler.get_last_lr()[0], tokens_per_s=window_tokens * dims.dp_size / elapsed)
                 if logger is not None:
                     logger.log(step, metrics)
                 window_sums, window_tokens, window_start = {}, 0, time.perf_counter()
@@ -203,8 +223,11 @@ def train(
     if ledger is not None:
         ledger.close()
 
-    full_weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if logging_rank:
+    # Pipeline stages each hold part of the model: the checkpoint is the whole of it there.
+    full_weights = None if pipeline is not None else get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if logging_rank and full_weights is not None:
         save_file({k: v.detach().contiguous() for k, v in full_weights.items()}, run_dir / "model.safetensors")
         (run_dir / "model_config.json").write_text(json.dumps(asdict(model.config), indent=1))
     if world.distributed:
@@ -291,6 +314,24 @@ def train_step(model, objective, seq: PackedSequence, optimizer, config: TrainCo
         terms = objective(model, seq, draws, config.model.attention, device)
     terms.total.backward()
     grad_norm = clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return terms, grad_norm
+
+
+def pipeline_step(pipeline, objective, seqs, optimizer, config: TrainConfig, device, step: int, pp_group):
+    """One optimizer step over this dp rank's microbatches through the pipeline schedule. Every
+    microbatch draws from the step's generator, as every dp rank does without pipeline stages."""
+    for part in pipeline.model_parts:
+        part.train()
+    batches = []
+    for seq in seqs:
+        draws = objective.draw(seq, step_generator(config.run.seed, step))
+        batches.append(objective.prepare(seq, draws, pipeline.model_parts[0].config.patch_size, device))
+    with _autocast(device):
+        terms = pipeline.step(batches)
+    params = [p for part in pipeline.model_parts for p in part.parameters()]
+    grad_norm = clip_grad_norm_(params, config.optim.grad_clip, pp_group)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return terms, grad_norm

@@ -64,6 +64,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("resumed_layout", [
+    # Two pipeline stages, one data-parallel rank training both of the step's sequences as microbatches.
+    ("2", ["parallel.pp=2", "parallel.dp_shard=1", "parallel.microbatches=2"]),
     ("2", ["parallel.dp_shard=2"]),
     ("4", ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.cp=2"]),
 ])
