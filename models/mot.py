@@ -99,23 +99,31 @@ class LingBotVA(nn.Module):
         text = self.condition_embedder.text_embedder(inputs.text)
         rope_video = self.rope(inputs.video_positions)
         rope_action = self.rope(inputs.action_positions)
-        num_video = x_video.shape[1]
-
-        if self.action_blocks is None:
-            # Shared backbone: one joint sequence through the same blocks.
-            x = torch.cat([x_video, x_action], dim=1)
-            proj = torch.cat([proj_video, proj_action], dim=1)
-            rope = tuple(torch.cat(pair, dim=1) for pair in zip(rope_video, rope_action))
-            for block in self.blocks:
-                x = block(x, proj, rope, text, kernels)
-            x_video, x_action = x[:, :num_video], x[:, num_video:]
-        else:
-            for video_block, action_block in zip(self.blocks, self.action_blocks):
-                x_video, x_action = video_block.joint_forward(
-                    action_block, x_video, x_action, proj_video, proj_action, rope_video, rope_action, text, kernels
-                )
+        x_video, x_action = run_depths(
+            self.blocks, self.action_blocks, x_video, x_action, proj_video, proj_action, rope_video, rope_action,
+            text, kernels,
+        )
 
         video_out = self.head(x_video, temb_video, self.scale_shift_table, self.proj_out)
         action_table = self.scale_shift_table if self.action_scale_shift_table is None else self.action_scale_shift_table
         action_out = self.action_head(x_action, temb_action, action_table, self.action_proj_out)
         return video_out, action_out
+
+
+def run_depths(blocks, action_blocks, x_video, x_action, proj_video, proj_action, rope_video, rope_action, text,
+               kernels: AttentionKernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a contiguous range of depths (all of them, or a pipeline stage's). action_blocks None:
+    the shared backbone, one joint sequence through the same blocks; else one MoT depth per pair."""
+    if action_blocks is None:
+        num_video = x_video.shape[1]
+        x = torch.cat([x_video, x_action], dim=1)
+        proj = torch.cat([proj_video, proj_action], dim=1)
+        rope = tuple(torch.cat(pair, dim=1) for pair in zip(rope_video, rope_action))
+        for block in blocks:
+            x = block(x, proj, rope, text, kernels)
+        return x[:, :num_video], x[:, num_video:]
+    for video_block, action_block in zip(blocks, action_blocks):
+        x_video, x_action = video_block.joint_forward(
+            action_block, x_video, x_action, proj_video, proj_action, rope_video, rope_action, text, kernels
+        )
+    return x_video, x_action

@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from lbva.models.attention import AttentionKernels, Backend, build_kernels
 from lbva.models.masks import CLEAN, PADDING, TokenLayout
-from lbva.models.mot import LingBotVA, ModelInputs
+from lbva.models.mot import LingBotVA, ModelInputs, run_depths
 from lbva.training.step import FlowMatchingObjective, LossTargets, LossTerms, StepBatch, no_reduce
 
 from .context_parallel import ContextParallel, frame_reduce, shard_inputs, shard_targets, ulysses_kernels
@@ -120,18 +120,10 @@ class MoTStage(nn.Module):
         shards = layout.length // (video_positions.shape[1] + action_positions.shape[1])
         kernels = self.make_kernels(layout, text_sample, video_positions.shape[1] * shards)
         rope_video, rope_action = self.rope(video_positions), self.rope(action_positions)
-        if self.action_blocks is None:
-            x = torch.cat([x_video, x_action], dim=1)
-            proj = torch.cat([proj_video, proj_action], dim=1)
-            rope = tuple(torch.cat(pair, dim=1) for pair in zip(rope_video, rope_action))
-            for block in self.blocks:
-                x = block(x, proj, rope, text, kernels)
-            x_video, x_action = x[:, : x_video.shape[1]], x[:, x_video.shape[1] :]
-        else:
-            for video_block, action_block in zip(self.blocks, self.action_blocks):
-                x_video, x_action = video_block.joint_forward(
-                    action_block, x_video, x_action, proj_video, proj_action, rope_video, rope_action, text, kernels
-                )
+        x_video, x_action = run_depths(
+            self.blocks, self.action_blocks, x_video, x_action, proj_video, proj_action, rope_video, rope_action,
+            text, kernels,
+        )
 
         if not self.last:
             return x_video, x_action, temb_video, temb_action, proj_video, proj_action, text
