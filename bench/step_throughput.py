@@ -27,7 +27,7 @@ from lbva.parallelism.flops import SequenceMix, training_flops_per_token
 from lbva.parallelism.fp8 import apply_fp8
 from lbva.parallelism.plan import GPU_TYPES
 from lbva.training.config import TrainConfig
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.optim import build_optimizer
 from lbva.training.packing import PackedSequence, build_packed_sequence, cut_windows
 from lbva.training.samples import ACTION_DIM, EpisodeSample

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 from .manager import CheckpointError, read_meta, verify
 

@@ -1,4 +1,2 @@
-"""Slurm (sbatch + submitit) and local launchers, signal handling, requeue and auto-resume.
-
-Lands with the Slurm issue.
-"""
+"""Launchers: `lbva launch slurm` (submitit), `lbva launch local` (torchrun), the per-rank worker,
+and signal handling that turns Slurm's signals into a checkpoint at the next step boundary."""

@@ -32,7 +32,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 FP8Backend = Literal["none", "torchao", "te"]
 TERecipe = Literal["current", "block"]

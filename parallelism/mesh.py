@@ -28,7 +28,7 @@ from typing import Literal
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lbva.models.config import ModelConfig
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 

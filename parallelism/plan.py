@@ -25,7 +25,7 @@ from typing import Literal
 
 from lbva.models.config import PRESETS, ModelConfig, get_preset
 from lbva.models.info import build_on_meta, parameter_counts
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 from .flops import SequenceMix, forward_flops, mean_attended_keys
 from .mesh import ParallelConfig, ParallelDims

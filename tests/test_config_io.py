@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 
 from lbva.training.config_io import config_to_dict, dump_toml, load_config, parse_override
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 # Names of the classes whose validate() ran, in call order.
 VALIDATED: list[str] = []

@@ -6,7 +6,7 @@ import torch
 
 from lbva.training.demo_dataset import ActionStats, align_actions, build_samples
 from lbva.training.demo_world import DemoEpisode, LeRobotWriter
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.lerobot_v21 import LeRobotDataset
 from lbva.training.samples import ACTION_DIM
 from lbva.training.standin_encoders import StandInTextEncoder, StandInVideoEncoder

@@ -10,7 +10,7 @@ import pytest
 from lbva.training.demo_world import (
     AGENT_RADIUS, BLOCK_HALF, GOAL_DIRECTIONS, MAX_SPEED, PushWorld, generate_demo_dataset, simulate_episode,
 )
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.lerobot_v21 import LeRobotDataset
 
 SIZE = 128

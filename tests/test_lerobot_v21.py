@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lbva.training.demo_world import generate_demo_dataset, simulate_episode, write_mp4
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.lerobot_v21 import LeRobotDataset
 
 CAMERA = "observation.images.top"

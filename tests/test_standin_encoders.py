@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.standin_encoders import StandInTextEncoder, StandInVideoEncoder
 
 

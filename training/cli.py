@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .distributed import world_from_env
-from .errors import UserError
+from lbva.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lbva.parallelism.plan import register as register_plan
 
     register_plan(commands)
+    from lbva.launchers.cli import register as register_launch_commands
+
+    register_launch_commands(commands, _Parser)
 
     register_checkpoint_commands(commands, _Parser)
     return parser

@@ -10,7 +10,7 @@ from typing import Literal
 from lbva.models.config import PRESETS
 from lbva.parallelism.mesh import ParallelConfig
 
-from .errors import UserError
+from lbva.errors import UserError
 
 
 def _check_range(name: str, pair: tuple, low: float) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib

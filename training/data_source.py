@@ -12,7 +12,7 @@ import torch
 from lbva.models.mot import LingBotVA
 
 from .config import TrainConfig
-from .errors import UserError
+from lbva.errors import UserError
 from .packing import PackedSequence
 
 

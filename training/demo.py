@@ -20,7 +20,7 @@ from .data.encoders import EncoderChoice
 from .data.prepare import PrepareConfig, prepare
 from .data.tiny_models import write_tiny_umt5, write_tiny_wan_vae
 from .demo_world import GOAL_DIRECTIONS, generate_demo_dataset
-from .errors import UserError
+from lbva.errors import UserError
 from .metrics import read_metrics
 from .trainer import train
 

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.lerobot_v21 import LeRobotDataset
 from lbva.training.samples import ACTION_DIM, EpisodeSample
 

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 AGENT_RADIUS = 0.07
 BLOCK_HALF = 0.07  # half the side of a block

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 
 # The per-frame columns an episode read needs; image columns and the like are never loaded.

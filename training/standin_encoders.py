@@ -14,7 +14,7 @@ import re
 import numpy as np
 import torch
 
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 
 class StandInVideoEncoder:

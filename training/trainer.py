@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .config_io import config_to_dict, dump_toml
 from .data_source import build_training_data, check_data_config
 from .distributed import checkpoint_group, init_distributed, mean_over, world_from_env
-from .errors import UserError
+from lbva.errors import UserError
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .packing import PackedSequence

@@ -15,7 +15,7 @@ from lbva.models.config import get_preset
 from lbva.models.mot import LingBotVA, ModelInputs
 from lbva.models.patching import action_positions, video_positions
 from lbva.models.weights import WeightImportError
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 diffusers = pytest.importorskip("diffusers")
 

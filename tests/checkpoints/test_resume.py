@@ -9,7 +9,7 @@ from lbva.checkpoints_tools.manager import committed_steps
 from lbva.training.config import TrainConfig
 from lbva.training.config_io import load_config
 from lbva.training.demo_world import generate_demo_dataset
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.metrics import read_metrics
 from lbva.training.trainer import train
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lbva.training.demo_world import write_mp4
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.lerobot_v21 import LeRobotDataset, Segment
 
 HEAD, LEFT = "observation.images.cam_high", "observation.images.cam_left_wrist"

@@ -12,7 +12,7 @@ import pytest
 
 from lbva.training.data.cli import register
 from lbva.training.demo_world import simulate_episode, write_mp4
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.lerobot_v21 import LeRobotDataset
 
 CAMERA = "observation.images.top"

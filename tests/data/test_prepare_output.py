@@ -9,7 +9,7 @@ import webdataset as wds
 from safetensors.torch import load_file
 
 from lbva.training.data.format import EMPTY_TEXT_ID, FORMAT_VERSION, text_id
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.lerobot_v21 import LeRobotDataset
 from lbva.training.samples import ACTION_DIM
 from lbva.training.standin_encoders import StandInTextEncoder, StandInVideoEncoder

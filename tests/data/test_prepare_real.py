@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from lbva.training.data.encoders import EncoderChoice
 from lbva.training.data.format import EMPTY_TEXT_ID
 from lbva.training.data.prepare import PrepareConfig, prepare
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.lerobot_v21 import LeRobotDataset
 
 CAMERAS = ["observation.images.cam_high", "observation.images.cam_left_wrist", "observation.images.cam_right_wrist"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lbva.training.data.tiling import make_tiling, resize_frames
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.lerobot_v21 import LeRobotDataset
 from lbva.training.standin_encoders import StandInVideoEncoder
 

@@ -7,7 +7,7 @@ import pytest
 
 from lbva.training.data.plan import PlanCost
 from lbva.training.data.reader import SampleReader
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.packing import TokenCost
 from stream_fixtures import CHANNELS, PATCH, TEXT_TOKENS, episode_frames, make_loader, make_stream, take, write_prepared
 

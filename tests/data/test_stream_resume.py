@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from stream_fixtures import episode_frames, make_loader, take, write_prepared
 
 

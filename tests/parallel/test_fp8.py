@@ -9,7 +9,7 @@ import torch
 from lbva.models.config import ModelConfig, get_preset
 from lbva.models.mot import LingBotVA
 from lbva.parallelism.fp8 import apply_fp8, convert_with_torchao, fp8_linear_names, is_video_block_linear
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 VIDEO_BLOCK_LINEARS = [
     "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",

@@ -7,7 +7,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from lbva.models.config import get_preset
 from lbva.parallelism.mesh import ParallelConfig, ParallelDims
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 FULL = get_preset("lingbot-va-5b-mot")  # 24 heads, 30 layers
 

@@ -15,7 +15,7 @@ from lbva.parallelism.plan import (
     GPU_TYPES, Cluster, Layout, Workload, candidate_layouts, memory_estimate, plan, register, step_estimate,
 )
 from lbva.training.cli import _Parser
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.packing import build_packed_sequence, cut_windows
 
 FIVE_B = get_preset("lingbot-va-5b-mot")

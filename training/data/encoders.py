@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.standin_encoders import StandInTextEncoder, StandInVideoEncoder
 
 ENCODER_KINDS = ("real", "standin")

@@ -20,7 +20,7 @@ from lbva.training.data.encoders import EncoderChoice
 from lbva.training.data.format import EMPTY_TEXT_ID, SampleMeta, encode_members, sample_key, text_id
 from lbva.training.data.tiling import Tiling, resize_frames
 from lbva.training.demo_dataset import ActionStats, align_actions
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.lerobot_v21 import LeRobotDataset
 from lbva.training.samples import ACTION_DIM
 

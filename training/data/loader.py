@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lbva.models.masks import CLEAN, PADDING
 
-from ..errors import UserError
+from lbva.errors import UserError
 from ..packing import PackedSequence, Window, build_packed_sequence
 from ..samples import ACTION_DIM, EpisodeSample
 from .plan import DataPlan, PlanCursor

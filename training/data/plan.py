@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from lbva.errors import UserError
 from ..packing import Window, cut_windows, first_fit
 from .format import FORMAT_VERSION
 from .reader import IndexEntry, SourceIndex

@@ -45,7 +45,7 @@ from lbva.training.data.writer import (
     update_card, write_atomic,
 )
 from lbva.training.demo_dataset import ActionStats, frame_stride
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 from lbva.training.lerobot_v21 import LeRobotDataset, Segment
 from lbva.training.samples import ACTION_DIM
 

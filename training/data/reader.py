@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..errors import UserError
+from lbva.errors import UserError
 from ..samples import ACTION_DIM, EpisodeSample
 from .format import EMPTY_TEXT_ID, decode_members
 

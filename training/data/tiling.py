@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 LAYOUTS = ("side_by_side", "robotwin_tshape")
 # Latents are patchified 2x2 by the DiT and the VAE compresses 16x, so sides are multiples of 32 px.

@@ -20,7 +20,7 @@ from pathlib import Path
 import webdataset as wds
 
 from lbva.training.data.format import FORMAT_VERSION, SampleMeta
-from lbva.training.errors import UserError
+from lbva.errors import UserError
 
 VERSIONED_PACKAGES = ("lingbot-va-pretrain", "torch", "diffusers", "transformers", "webdataset", "numpy",
                       "pyarrow", "av", "safetensors")

@@ -1,0 +1,112 @@
+"""Training on this machine: the worker every rank runs, and `lbva launch local`.
+
+Every way of launching ends in `run_worker`, once per rank: `lbva launch local` and
+slurm/pretrain.sbatch start the ranks with torchrun (`python -m lbva.launchers.cli worker ...`),
+`lbva launch slurm` calls it from its submitit task. `run_worker` makes any start of a job the
+continuation of its run: a run directory with a committed checkpoint resumes from the newest one
+(`checkpoint.resume` only decides how a fresh run begins: from scratch, or from the weights of an
+imported checkpoint), and a run already at its last step is not trained again, which is what a
+chained or requeued job finds when the run ended during the job before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from lbva.checkpoints_tools.manager import committed_steps
+from lbva.training.config import TrainConfig
+from lbva.training.distributed import world_from_env
+from lbva.errors import UserError
+
+from .signals import StopFlag, StopReason
+
+
+@dataclass
+class WorkerOutcome:
+    run_dir: Path
+    steps: int  # the last step reached
+    total_steps: int  # config.run.steps
+    stop_reason: StopReason  # NONE unless a signal ended the run early
+
+    @property
+    def finished(self) -> bool:
+        return self.steps >= self.total_steps
+
+
+def run_dir_of(config: TrainConfig) -> Path:
+    return config.run.output_dir / config.run.name
+
+
+def newest_committed_step(run_dir: Path) -> int:
+    steps = committed_steps(run_dir / "checkpoints")
+    return steps[-1] if steps else 0
+
+
+def run_worker(config: TrainConfig, stop: StopFlag, console: Console | None = None) -> WorkerOutcome:
+    """Train one rank of `config`'s run until its last step or until `stop` says so.
+
+    Resumes from the run's newest committed checkpoint when there is one and returns at once when
+    that checkpoint is the last step. `stop` must be installed already (its handlers in place).
+    """
+    # One voice per run: the other ranks decide the same and stay quiet, as the trainer's do.
+    console = console or Console(quiet=world_from_env().rank != 0)
+    run_dir = run_dir_of(config)
+    start_step = newest_committed_step(run_dir)
+    if start_step >= config.run.steps:
+        console.print(f"{run_dir}: already at step {start_step} of {config.run.steps}; nothing to train",
+                      soft_wrap=True)
+        return WorkerOutcome(run_dir, start_step, config.run.steps, StopReason.NONE)
+    if start_step > 0:
+        config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, resume="auto"))
+
+    from lbva.training.trainer import train  # heavy (the model, the data); after the cheap checks
+
+    result = train(config, console, stop=stop)
+    outcome = WorkerOutcome(run_dir, result.steps, config.run.steps, stop.reason)
+    if not outcome.finished:
+        console.print(
+            f"stopped at step {outcome.steps} of {outcome.total_steps} on {_STOP_REASONS[outcome.stop_reason]}; "
+            "the checkpoint of that step is committed and the next start resumes from it",
+            soft_wrap=True,  # one line in the job log, where the console is not a terminal
+        )
+    return outcome
+
+
+_STOP_REASONS = {
+    StopReason.TIME_LIMIT: "SIGUSR2 (the time limit is near)",
+    StopReason.TERMINATE: "SIGTERM (the job is being ended: cancelled, preempted or requeued)",
+}
+
+
+def default_nproc() -> int:
+    """One rank per visible GPU; one rank on a machine without."""
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def launch_local(config_file: Path | None, overrides: list[str], nproc: int) -> None:
+    """Become `torchrun --standalone` running `nproc` workers of the run on this machine.
+
+    The process is replaced (exec), not wrapped: Ctrl-C and SIGTERM then reach torchrun, which
+    passes them to the workers, instead of a parent that would kill torchrun and orphan them.
+    """
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {nproc}")
+    config_args = [f"--config={config_file}"] if config_file is not None else []
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
+        "-m", "lbva.launchers.cli", "worker", *config_args, *overrides,
+    ]
+    sys.stdout.flush()
+    # torchrun's default SIGUSR2 action would end it and its workers without a checkpoint; ignored
+    # here, USR2 stays ignored through exec in torchrun, and each worker installs its StopFlag.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    os.execv(command[0], command)

@@ -1,0 +1,157 @@
+"""Jobs on a real Slurm cluster (localhost, node1 + node2): sbatch and submitit runs to completion,
+the time-limit signal, `scontrol requeue`, and a run continued on fewer nodes.
+
+Every interrupted run must end with exactly the losses of the uninterrupted two-node run: the
+tiny run writes no periodic checkpoint, so it can only get there by resuming from the checkpoint
+its stop wrote. Two-node jobs run two ranks (one per node, gloo, data-parallel) of the
+distributed trainer on prepared shards.
+"""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from lbva.checkpoints_tools.manager import committed_steps
+
+from local_slurm import REPO, losses, wait_for_step
+
+pytestmark = pytest.mark.slow
+STEPS = 12  # TINY_RUN's run.steps
+
+
+def run_dir(tiny_config: Path, name: str) -> Path:
+    return tiny_config.parent / "runs" / name
+
+
+def submit_sbatch(cluster, tiny_config: Path, name: str, *overrides: str, nodes: int = 2) -> str:
+    """slurm/pretrain.sbatch as a user submits it, the GPU count of the test nodes given on the
+    command line; --time leaves its USR2 (300 s before the limit) far beyond these runs."""
+    return cluster.sbatch(
+        f"--nodes={nodes}", "--gpus-per-node=1", "--time=10", f"--output={tiny_config.parent}/%j.out",
+        str(REPO / "slurm" / "pretrain.sbatch"), f"--config={tiny_config}", f"run.name={name}", *overrides,
+    )
+
+
+def sbatch_log(tiny_config: Path, job_id: str) -> str:
+    return (tiny_config.parent / f"{job_id}.out").read_text()
+
+
+def submit_submitit(cluster, tiny_config: Path, name: str, *options: str) -> list[str]:
+    out = cluster.run(
+        sys.executable, "-m", "lbva.launchers.cli", "slurm", f"--config={tiny_config}", "--nodes=2",
+        "--gpus-per-node=1", "--time=10", "--signal-before=60", *options, f"run.name={name}",
+    )
+    return re.findall(r"\d+", re.search(r"submitted job ([\d, ]+)", out).group(1))
+
+
+def submitit_log(tiny_config: Path, name: str, job_id: str) -> str:
+    return (run_dir(tiny_config, name) / "slurm" / f"{job_id}_0_log.out").read_text()
+
+
+def stop_and_resume_steps(log: str) -> tuple[set[int], set[int]]:
+    stopped = {int(step) for step in re.findall(r"stopped at step (\d+) of", log)}
+    # The trainer's console wraps its lines in a log (no terminal): the path may break anywhere.
+    resumed = {int(step) for step in re.findall(r"resumed from.*?at\s+step\s+(\d+)", log, re.S)}
+    return stopped, resumed
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster, tiny_config):
+    """The uninterrupted two-node sbatch run: (final job state, losses per step)."""
+    job_id = submit_sbatch(slurm_cluster, tiny_config, "reference")
+    return slurm_cluster.wait_until_ended(job_id), losses(run_dir(tiny_config, "reference"))
+
+
+def test_a_two_node_sbatch_job_trains_to_completion(reference, tiny_config):
+    job, reference_losses = reference
+    assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "2" and job["Restarts"] == "0"
+    assert sorted(reference_losses) == list(range(1, STEPS + 1))
+    assert committed_steps(run_dir(tiny_config, "reference") / "checkpoints") == [STEPS]
+
+
+def test_a_two_node_submitit_job_trains_to_completion(slurm_cluster, tiny_config, reference):
+    (job_id,) = submit_submitit(slurm_cluster, tiny_config, "submitit")
+    job = slurm_cluster.wait_until_ended(job_id)
+    assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "2" and job["Restarts"] == "0"
+    assert losses(run_dir(tiny_config, "submitit")) == reference[1]
+
+
+def test_the_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_losses(
+    slurm_cluster, tiny_config, reference
+):
+    job_id = submit_sbatch(slurm_cluster, tiny_config, "time-limit")
+    wait_for_step(run_dir(tiny_config, "time-limit"), 2)
+    # What --signal=B:USR2@300 does 300 s before the limit: USR2 to the batch shell only.
+    slurm_cluster.run("scancel", "--batch", "--signal=USR2", job_id)
+    job = slurm_cluster.wait_until_ended(job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1"
+    stopped, resumed = stop_and_resume_steps(sbatch_log(tiny_config, job_id))
+    assert len(stopped) == 1 and stopped == resumed and max(stopped) < STEPS  # all ranks, one step
+    assert losses(run_dir(tiny_config, "time-limit")) == reference[1]
+
+
+def test_the_time_limit_signal_requeues_a_submitit_job_through_submitit(slurm_cluster, tiny_config, reference):
+    (job_id,) = submit_submitit(slurm_cluster, tiny_config, "submitit-time-limit")
+    wait_for_step(run_dir(tiny_config, "submitit-time-limit"), 2)
+    # What submitit's --signal=USR2@60 does 60 s before the limit: USR2 to every task.
+    slurm_cluster.run("scancel", "--signal=USR2", job_id)
+    job = slurm_cluster.wait_until_ended(job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1"
+    log = submitit_log(tiny_config, "submitit-time-limit", job_id)
+    stopped, resumed = stop_and_resume_steps(log)
+    assert len(stopped) == 1 and stopped == resumed
+    assert f"Requeued job {job_id}" in log  # by submitit's own handler, after the checkpoint
+    assert losses(run_dir(tiny_config, "submitit-time-limit")) == reference[1]
+
+
+def test_a_requeue_by_scontrol_mid_run_resumes_to_the_same_losses(slurm_cluster, tiny_config, reference):
+    job_id = submit_sbatch(slurm_cluster, tiny_config, "requeued")
+    wait_for_step(run_dir(tiny_config, "requeued"), 2)
+    slurm_cluster.run("scontrol", "requeue", job_id)  # what preemption with PreemptMode=REQUEUE does
+    job = slurm_cluster.wait_until_ended(job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1"
+    log = sbatch_log(tiny_config, job_id)
+    stopped, resumed = stop_and_resume_steps(log)
+    assert len(stopped) == 1 and stopped == resumed and "SIGTERM" in log
+    assert losses(run_dir(tiny_config, "requeued")) == reference[1]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Slurm signals every process of the job; torch's DataLoader workers die of SIGTERM and take their rank "
+    "down before it checkpoints. Making the workers ignore SIGTERM fixes the stop but then a worker outlives "
+    "its rank at exit and the job never ends; the fix needs the rank to end its workers itself."))
+def test_a_requeue_mid_run_with_data_loader_workers_resumes_to_the_same_losses(slurm_cluster, tiny_config, reference):
+    job_id = submit_sbatch(slurm_cluster, tiny_config, "requeued-workers", "data.num_workers=2")
+    wait_for_step(run_dir(tiny_config, "requeued-workers"), 2)
+    slurm_cluster.run("scontrol", "requeue", job_id)
+    job = slurm_cluster.wait_until_ended(job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1"
+    stopped, resumed = stop_and_resume_steps(sbatch_log(tiny_config, job_id))
+    assert len(stopped) == 1 and stopped == resumed
+    assert losses(run_dir(tiny_config, "requeued-workers")) == reference[1]
+
+
+def test_a_run_stopped_on_two_nodes_continues_on_one(slurm_cluster, tiny_config):
+    first = submit_sbatch(slurm_cluster, tiny_config, "shrunk")
+    wait_for_step(run_dir(tiny_config, "shrunk"), 2)
+    slurm_cluster.run("scancel", first)  # SIGTERM: checkpoint and stop; a cancelled job stays gone
+    assert slurm_cluster.wait_until_ended(first)["JobState"] == "CANCELLED"
+    (stopped_at,) = committed_steps(run_dir(tiny_config, "shrunk") / "checkpoints")
+    assert 2 <= stopped_at < STEPS
+
+    second = submit_sbatch(slurm_cluster, tiny_config, "shrunk", nodes=1)
+    job = slurm_cluster.wait_until_ended(second)
+    assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "1"
+    assert stop_and_resume_steps(sbatch_log(tiny_config, second))[1] == {stopped_at}
+    assert sorted(losses(run_dir(tiny_config, "shrunk"))) == list(range(1, STEPS + 1))
+    assert committed_steps(run_dir(tiny_config, "shrunk") / "checkpoints")[-1] == STEPS
+
+
+def test_chained_jobs_run_one_after_another_and_the_later_ones_find_the_run_done(slurm_cluster, tiny_config):
+    first, second = submit_submitit(slurm_cluster, tiny_config, "chained", "--chain=2")
+    assert slurm_cluster.wait_until_ended(second)["JobState"] == "COMPLETED"
+    assert slurm_cluster.job(first)["JobState"] == "COMPLETED"
+    assert sorted(losses(run_dir(tiny_config, "chained"))) == list(range(1, STEPS + 1))
+    assert f"already at step {STEPS} of {STEPS}" in submitit_log(tiny_config, "chained", second)
