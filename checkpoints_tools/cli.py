@@ -90,6 +90,9 @@ def register(commands: argparse._SubParsersAction, parser_class) -> None:
     post.add_argument("--attn-mode", choices=["torch", "flashattn", "flex"], default="torch")
     post.add_argument("--max-shard-gb", type=float, default=5.0)
     post.set_defaults(func=_cmd_export)
+    from lbva.inference.cli import register_export
+
+    register_export(export_kinds)
 
     imp = commands.add_parser("import", help="released weights -> a step-0 checkpoint")
     imp.add_argument("kind", choices=["lingbot", "wan"], help="lingbot: released LingBot-VA; wan: Wan2.2 diffusers")

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lbva.launchers.cli import register as register_launch_commands
 
     register_launch_commands(commands, _Parser)
+    from lbva.inference.cli import register_serve
+
+    register_serve(commands, _Parser)
 
     register_checkpoint_commands(commands, _Parser)
     return parser

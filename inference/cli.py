@@ -1,0 +1,188 @@
+"""`lbva export inference CKPT OUT` and `lbva serve BUNDLE`.
+
+The lead's CLI wires them in: `register_export(export_kinds)` adds `inference` beside
+`post-training` in the `export` group, `register_serve(commands, parser_class)` adds `serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+from lbva.errors import UserError
+
+from .settings import DEFAULT_PORT, InferenceSettings
+
+# Flag name -> InferenceSettings field, for the sampling settings both commands take.
+_SETTINGS_HELP = {
+    "chunk_size": "latent frames per chunk (K)",
+    "attention_window": "attention window in chunk-id units; the KV cache holds window // 2 chunks",
+    "video_steps": "video denoising steps of the full schedule",
+    "action_steps": "action denoising steps",
+    "video_shift": "video sigma-schedule shift",
+    "action_shift": "action sigma-schedule shift",
+    "video_guidance": "video classifier-free guidance scale (1 = off)",
+    "action_guidance": "action classifier-free guidance scale (1 = off)",
+    "video_stop_sigma": "partial denoising: stop the video at this noise level (0 = full denoising)",
+    "fdm_steps": "Euler steps of the forward-dynamics re-imagination in asynchronous mode",
+    "negative_prompt": "negative prompt of classifier-free guidance",
+    "seed": "noise seed of each episode",
+}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from error
+
+
+def _name_list(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
+
+
+def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    for field in fields(InferenceSettings):
+        kind = str if field.name == "negative_prompt" else type(field.default)
+        flag = f"--{field.name.replace('_', '-')}"
+        parser.add_argument(flag, type=kind, default=None, help=_SETTINGS_HELP[field.name])
+
+
+def _settings_given(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(InferenceSettings) if getattr(args, f.name) is not None}
+
+
+def _cmd_export_inference(args: argparse.Namespace) -> None:
+    from lbva.checkpoints_tools.export import model_config_from_meta
+    from lbva.checkpoints_tools.manager import CheckpointError, read_meta
+    from lbva.training.data.encoders import EncoderChoice
+    from lbva.training.data.tiling import make_tiling
+    from lbva.training.demo_dataset import ActionStats
+
+    from .bundle import BundleSpec, export_inference_bundle, spec_from_card, spec_from_checkpoint
+    from .observations import CameraLayout
+
+    try:
+        model = model_config_from_meta(read_meta(args.checkpoint), args.checkpoint)
+        known = spec_from_checkpoint(args.checkpoint)
+    except CheckpointError as error:
+        raise UserError(str(error)) from error
+    if args.card is not None:
+        if args.source is None:
+            raise UserError("--card needs --source NAME, the prepared source the model serves")
+        known.update(spec_from_card(args.card, args.source))
+    if args.stats is not None:
+        try:
+            known["stats"] = ActionStats.from_dict(json.loads(args.stats.read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise UserError(f"--stats: cannot read {args.stats} ({error})") from error
+    for name in ("action_channels", "actions_per_frame", "text_tokens"):
+        if getattr(args, name) is not None:
+            known[name] = getattr(args, name)
+    if args.cameras is not None:
+        if args.height is None or args.width is None:
+            raise UserError("--cameras needs --height and --width (pixels, one for all cameras or one per camera)")
+        known["cameras"] = CameraLayout(tuple(args.cameras),
+                                        make_tiling(args.layout, len(args.cameras), args.height, args.width))
+    if args.encoders == "real":
+        known["encoders"] = EncoderChoice("real", args.vae, args.text_encoder)
+    encoders = known.get("encoders", EncoderChoice("standin"))
+    if encoders.kind == "standin":
+        encoders = EncoderChoice("standin", standin_text_dim=model.text_dim)
+    missing = [flag for key, flag in (("cameras", "--cameras/--height/--width"), ("stats", "--stats"),
+                                      ("action_channels", "--action-channels"),
+                                      ("actions_per_frame", "--actions-per-frame"), ("text_tokens", "--text-tokens"))
+               if key not in known]
+    if missing:
+        raise UserError(f"the checkpoint does not record {', '.join(missing)}; give them (or --card with --source)")
+    defaults = {key: known[key] for key in ("video_shift", "action_shift") if key in known}
+    try:
+        settings = InferenceSettings(**{**defaults, **_settings_given(args)})
+    except TypeError as error:
+        raise UserError(str(error)) from error
+    spec = BundleSpec(cameras=known["cameras"], action_channels=tuple(known["action_channels"]),
+                      actions_per_frame=int(known["actions_per_frame"]), stats=known["stats"], encoders=encoders,
+                      text_tokens=int(known["text_tokens"]), defaults=settings)
+    try:
+        out = export_inference_bundle(args.checkpoint, args.out, spec)
+    except CheckpointError as error:
+        raise UserError(str(error)) from error
+    print(f"exported inference bundle {out} (serve it with `lbva serve {out}`)")
+
+
+def register_export(export_kinds: argparse._SubParsersAction) -> None:
+    """Add `inference` to the `export` command group."""
+    p = export_kinds.add_parser("inference", help="bf16 inference bundle: weights, config, action stats, cameras, "
+                                                  "encoders and sampling defaults")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--card", type=Path, default=None, help="prepared-data card.json to take cameras, tiling, "
+                   "action channels, actions per frame, stats and encoders from")
+    p.add_argument("--source", default=None, help="the card's source the model serves")
+    p.add_argument("--stats", type=Path, default=None,
+                   help="action stats JSON {q01, q99} (default: the run's data_stats.json, or --card)")
+    p.add_argument("--action-channels", type=_int_list, default=None, metavar="SLOT,...",
+                   help="30-d slot of each robot action dim (default: the training config's)")
+    p.add_argument("--actions-per-frame", type=int, default=None, help="action steps per latent frame (N)")
+    p.add_argument("--text-tokens", type=int, default=None, help="prompt length in tokens (default: training's)")
+    p.add_argument("--cameras", type=_name_list, default=None, metavar="KEY,...",
+                   help="observation keys of the cameras in tiling order")
+    p.add_argument("--layout", choices=["side_by_side", "robotwin_tshape"], default="side_by_side")
+    p.add_argument("--height", type=_int_list, default=None, help="camera height(s) in pixels")
+    p.add_argument("--width", type=_int_list, default=None, help="camera width(s) in pixels")
+    p.add_argument("--encoders", choices=["standin", "real"], default=None,
+                   help="standin, or real with --vae and --text-encoder (default: the card's, else standin)")
+    p.add_argument("--vae", type=Path, default=None, help="Wan2.2 VAE folder (or a Wan2.2 diffusers root)")
+    p.add_argument("--text-encoder", type=Path, default=None, help="umT5 folder (tokenizer + encoder, or their root)")
+    _add_settings_arguments(p)
+    p.set_defaults(func=_cmd_export_inference)
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from .bundle import load_bundle
+    from .server import PolicyServer, ServerOptions
+
+    token = None
+    if args.token_file is not None:
+        if not args.token_file.is_file():
+            raise UserError(f"--token-file: {args.token_file} does not exist")
+        token = args.token_file.read_text().strip()
+        if not token:
+            raise UserError(f"--token-file: {args.token_file} is empty")
+    if args.max_message_mb <= 0:
+        raise UserError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+             "auto": torch.bfloat16 if device == "cuda" else torch.float32}[args.dtype]
+    runtime = load_bundle(args.bundle).runtime(device, dtype, _settings_given(args))
+    options = ServerOptions(args.host, args.port, token, int(args.max_message_mb * (1 << 20)))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    print(f"serving {args.bundle} on ws://{args.host}:{args.port} ({device}, {str(dtype).replace('torch.', '')}"
+          f"{', bearer token required' if token else ''})", flush=True)
+    try:
+        asyncio.run(PolicyServer(runtime, options).serve())
+    except KeyboardInterrupt:
+        print("stopped")
+
+
+def register_serve(commands: argparse._SubParsersAction, parser_class: type[argparse.ArgumentParser]) -> None:
+    """Add `serve BUNDLE` to the top-level commands. `parser_class` is the CLI's parser class, taken
+    for symmetry with the other register functions; `serve` has no subcommands that would need it."""
+    p = commands.add_parser("serve", help="serve an inference bundle to robots over websocket + msgpack")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file holding a bearer token; clients must then send 'Authorization: Bearer <token>'")
+    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on the CPU")
+    _add_settings_arguments(p)
+    p.set_defaults(func=_cmd_serve)

@@ -1,0 +1,171 @@
+"""Websocket + msgpack policy server (spec 4.4) in front of one InferenceRuntime.
+
+Transport as in the reference: no compression, no pings, on connect the server sends packb({}) (the
+metadata), then one response per request; every response carries server_timing {infer_ms} plus,
+from the second request of a connection on, prev_total_ms (the whole previous request, receive to
+send). HTTP GET /healthz answers 200 "OK\\n" (without a token, so load balancers can probe it).
+
+Hardening the reference lacks: the server binds 127.0.0.1 unless told otherwise; with a token it
+refuses the websocket handshake (401) unless the request carries "Authorization: Bearer <token>";
+messages above max_message_bytes are refused by the websocket layer (close code 1009); decoding
+never unpickles (protocol.py).
+
+Errors. The reference sends the traceback as a text frame and closes the connection on any server
+exception. Here a malformed request or one that does not fit the episode (ProtocolError,
+EpisodeError) gets a text frame "error: ..." and the connection stays usable, so a client bug does
+not cost the robot its session; only an unexpected server failure sends "internal error: ..." and
+closes with 1011 (the traceback goes to the server log, not to the client). Reference clients raise
+on any text response, so they see both.
+
+One runtime serves one episode at a time: requests of all connections run one after another (the
+model runs in a worker thread so the event loop keeps answering /healthz and handshakes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+
+from .protocol import Feedback, Infer, ProtocolError, Reset, packb, parse_request, unpackb
+from .runtime import EpisodeError, InferenceRuntime
+from .settings import DEFAULT_PORT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0 picks a free port
+    token: str | None = None
+    max_message_bytes: int = 64 << 20
+
+
+class PolicyServer:
+    """Serves `runtime` over websockets; see the module docstring for the protocol and error policy."""
+
+    def __init__(self, runtime: InferenceRuntime, options: ServerOptions) -> None:
+        self.runtime = runtime
+        self.options = options
+        self._lock = asyncio.Lock()
+
+    async def serve(self, on_ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None) -> None:
+        """Serve until `stop` is set (forever without one); `on_ready(port)` once listening."""
+        async with serve(
+            self._session, self.options.host, self.options.port, compression=None, ping_interval=None,
+            max_size=self.options.max_message_bytes, process_request=self._process_request,
+        ) as server:
+            port = server.sockets[0].getsockname()[1]
+            log.info("serving on ws://%s:%d", self.options.host, port)
+            if on_ready is not None:
+                on_ready(port)
+            await (stop.wait() if stop is not None else asyncio.Future())
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "OK\n")
+        if self.options.token is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.options.token}".encode()):
+                return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
+        return None
+
+    async def _session(self, connection: ServerConnection) -> None:
+        try:
+            await connection.send(packb({}))
+            previous_total_ms: float | None = None
+            async for message in connection:
+                started = time.perf_counter()
+                answer = await self._answer(connection, message)
+                if answer is None:
+                    continue
+                response, infer_ms = answer
+                timing = {"infer_ms": infer_ms}
+                if previous_total_ms is not None:
+                    timing["prev_total_ms"] = previous_total_ms
+                response["server_timing"] = timing
+                await connection.send(packb(response))
+                previous_total_ms = (time.perf_counter() - started) * 1000.0
+        except ConnectionClosed:
+            return
+
+    async def _answer(self, connection: ServerConnection, message: str | bytes) -> tuple[dict, float] | None:
+        """(response map, milliseconds the runtime took), or None after an error frame."""
+        try:
+            if isinstance(message, str):
+                raise ProtocolError("requests are binary msgpack frames, not text")
+            request = parse_request(unpackb(message), self.runtime.cameras.layout.keys)
+            async with self._lock:
+                started = time.perf_counter()
+                response = await asyncio.to_thread(self._handle, request)
+                return response, (time.perf_counter() - started) * 1000.0
+        except (ProtocolError, EpisodeError) as error:
+            await connection.send(f"error: {error}")
+            return None
+        except Exception as error:  # a server bug: report it, end this connection, keep serving others
+            log.exception("request failed")
+            await connection.send(f"internal error: {type(error).__name__}: {error}")
+            await connection.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return None
+
+    def _handle(self, request: Reset | Infer | Feedback) -> dict[str, Any]:
+        if isinstance(request, Reset):
+            self.runtime.reset(request.prompt)
+            return {}
+        if isinstance(request, Infer):
+            return {"action": self.runtime.infer(request.observation)}
+        self.runtime.feedback(request.keyframes, request.executed)
+        return {}
+
+
+class BackgroundServer:
+    """A PolicyServer on its own thread and event loop (tests, benchmarks, embedding in a process)."""
+
+    def __init__(self, runtime: InferenceRuntime, options: ServerOptions) -> None:
+        self._server = PolicyServer(runtime, options)
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._run, name="lbva-policy-server", daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            raise self._failure
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+
+            def ready(port: int) -> None:
+                self.port = port
+                self._ready.set()
+
+            await self._server.serve(ready, self._stop)
+
+        try:
+            asyncio.run(main())
+        except BaseException as error:  # a failure before listening (e.g. the port is taken) goes to __enter__
+            self._failure = error
+            self._ready.set()
