@@ -169,7 +169,7 @@ class TrainConfig:
 # The embedded demo: the procedural pushing world and the demo-mot preset, sized for 2 CPU cores.
 # `lbva demo` layers these over the defaults above; configs/demo.toml spells out the same values.
 DEMO_BASE: dict = {
-    "run": {"name": "demo", "steps": 600, "log_every": 10},
+    "run": {"name": "demo", "steps": 400, "log_every": 10},
     "model": {"preset": "demo-mot"},
     "data": {
         "prepared": ["runs/demo-prepared"], "text_tokens": 16, "window_frames": 8, "token_budget": 2048,
