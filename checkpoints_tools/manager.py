@@ -137,10 +137,6 @@ class CheckpointManager:
         if dist.is_initialized():
             dist.barrier(group=self.process_group)
 
-    @property
-    def pending_step(self) -> int | None:
-        return self._pending[0] if self._pending is not None else None
-
     def save(self, step: int, state: dict, meta: dict) -> None:
         """Write `state` (a DCP state dict: tensors, DTensors, Stateful objects, plain values) as the
         checkpoint of `step`. `meta` (JSON-able: model config, layout, ...) is stored beside it."""

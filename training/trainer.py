@@ -156,7 +156,7 @@ def train(
         console.print(f"resumed from {resume_from} at step {state.step}")
     saved_step = state.step  # the newest step already on disk (0: none)
     batches = iter(stream)
-    ledger = stack_ledger(run_dir, mesh)
+    ledger = open_ledger(run_dir, mesh)
     layout = " x ".join(f"{name} {getattr(dims, name)}" for name in MESH_DIMS if getattr(dims, name) > 1)
     console.print(
         f"[bold]lbva train[/bold] {config.run.name}: preset {config.model.preset}, "
@@ -236,7 +236,7 @@ def train(
     return TrainResult(run_dir, state.step, eval_losses, time.perf_counter() - started)
 
 
-def stack_ledger(run_dir: Path, mesh):
+def open_ledger(run_dir: Path, mesh):
     """The sample ledger of this data-parallel rank: one JSON line per step naming the windows it
     trained on (run_dir/ledger/dp{rank}.jsonl, appended across restarts; a resumed run rewrites the
     steps after its checkpoint, so the last line of a step is the one that counts). Written by one
