@@ -1,23 +1,37 @@
 """Per-chunk latency and control throughput of the policy server, synchronous vs asynchronous.
 
-    python bench/inference_latency.py --chunks 12 --repeats 3 --exec-fractions 0.5,1,1.5,2 --threads 1
-    python bench/inference_latency.py --video-steps 25 --action-steps 50 --chunks 12 --repeats 3 \
-        --exec-fractions 1,1.5 --threads 1                      # the RoboTwin sampling steps
+    python bench/inference_latency.py --chunks 24 --repeats 3 --threads 1
+    python bench/inference_latency.py --video-steps 25 --action-steps 50 --chunks 20 --repeats 2 \
+        --threads 1                                             # the RoboTwin sampling steps
 
 A randomly initialised model is exported to an inference bundle and served on localhost; a client
 drives episodes over the websocket with stand-in camera images. The robot is simulated: executing
-a chunk takes E seconds of wall time, E = fraction x the median synchronous prediction time
-(feedback + infer, measured just before each sync/async pair), so the figures do not depend on a
-particular robot.
+a chunk takes E seconds of wall time.
 
     synchronous   execute chunk c, then feedback(c) + infer(c+1) while the robot waits
     asynchronous  infer(c+1) is requested as soon as chunk c starts executing; the feedback of chunk
                   c-1 (ground truth + forward-dynamics re-imagination of chunk c) and infer(c+1) run
                   while chunk c executes
 
-Control throughput is executed chunks per second of robot time (K*N actions each), from the start
-of chunk 0 to the end of the last chunk. Prints one table row per fraction: median latencies, median
-throughputs and the median async/sync throughput ratio over alternating episode pairs.
+Control throughput is executed actions per second of robot time (K*N actions per chunk). The
+headline figure is the steady state: chunks per second over the second half of each episode, where
+the KV cache has filled its attention window (the default episode is longer than the window) and
+start-up is over. The whole-episode figure is printed beside it; it is lower for asynchronous
+control because an n-chunk episode holds n-1 predictions either way, which caps its ratio at
+2 - 1/n even with a free forward-dynamics pass.
+
+Each repeat first calibrates, on episodes without execution time, the steady-state prediction time
+per chunk of both modes (P_sync = feedback + infer, P_async = feedback with the forward-dynamics
+pass + infer), then runs one synchronous and one asynchronous episode for each robot time E:
+
+    E = fraction x P_sync    for each --exec-fractions entry (1 = the robot is as slow as the policy)
+    E = P_async              the balanced point, where asynchronous control never waits and the
+                             ratio peaks at 1 + P_sync / P_async
+
+In steady state sync runs one chunk per E + P_sync and async one per max(E, P_async), so the
+ratio at E = P_sync is 2 P_sync / P_async: the forward-dynamics pass (one extra forward per chunk)
+is what keeps it below 2. Calibration and the measured episodes of a repeat run back to back, so load
+changes on a shared machine move them together; rows report medians over repeats.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,58 +94,70 @@ class Robot:
         return [self.observation() for _ in range(count)]
 
 
-def _timed(call: Callable[[], object]) -> tuple[object, float]:
+@dataclass
+class Episode:
+    """Wall-clock record of one episode: when each chunk started executing, when the last ended,
+    and the prediction latency (feedback + infer) of each chunk predicted during the episode."""
+
+    starts: list[float] = field(default_factory=list)
+    end: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    def chunks_per_s(self, first: int = 0) -> float:
+        """Executed chunks per second from the start of chunk `first` to the end of the episode."""
+        return (len(self.starts) - first) / (self.end - self.starts[first])
+
+    def steady_latency(self) -> float:
+        """Mean prediction latency over the second half of the episode (the cache window is full)."""
+        return statistics.mean(self.latencies[len(self.latencies) // 2:])
+
+
+def _timed(call: Callable[[], object], latencies: list[float]) -> object:
     started = time.perf_counter()
     result = call()
-    return result, time.perf_counter() - started
+    latencies.append(time.perf_counter() - started)
+    return result
 
 
-def run_sync(client: PolicyClient, robot: Robot, chunks: int, chunk_size: int) -> tuple[float, list[float]]:
-    """-> (robot seconds for `chunks` chunks, per-chunk prediction latencies)."""
+def _feedback_and_infer(client: PolicyClient, robot: Robot, executed: np.ndarray, chunk: int,
+                        chunk_size: int) -> np.ndarray:
+    """Ground `chunk` (its keyframes: 4 per latent frame, 4(K-1) for chunk 0) and infer the next."""
+    client.feedback(robot.keyframes(4 * (chunk_size - 1 if chunk == 0 else chunk_size)), executed)
+    return client.infer(robot.observation(), PROMPT)
+
+
+def run_sync(client: PolicyClient, robot: Robot, chunks: int, chunk_size: int) -> Episode:
+    episode = Episode()
     client.reset(PROMPT)
     actions = client.infer(robot.observation(), PROMPT)
-    latencies = []
-    started = time.perf_counter()
     for chunk in range(chunks):
+        episode.starts.append(time.perf_counter())
         time.sleep(robot.seconds)  # the robot executes the chunk, the policy idles
         if chunk == chunks - 1:
             break
-        frames = 4 * (chunk_size - 1 if chunk == 0 else chunk_size)
-
-        def predict(executed=actions, frames=frames):
-            client.feedback(robot.keyframes(frames), executed)
-            return client.infer(robot.observation(), PROMPT)
-
-        actions, latency = _timed(predict)
-        latencies.append(latency)
-    return time.perf_counter() - started, latencies
+        actions = _timed(lambda a=actions, c=chunk: _feedback_and_infer(client, robot, a, c, chunk_size),
+                         episode.latencies)
+    episode.end = time.perf_counter()
+    return episode
 
 
-def run_async(client: PolicyClient, robot: Robot, chunks: int, chunk_size: int) -> tuple[float, list[float]]:
-    """-> (robot seconds for `chunks` chunks, per-chunk prediction latencies while executing)."""
+def run_async(client: PolicyClient, robot: Robot, chunks: int, chunk_size: int) -> Episode:
+    episode = Episode()
     client.reset(PROMPT)
     executing = client.infer(robot.observation(), PROMPT)
-    latencies = []
-    started = time.perf_counter()
-    chunk_start = started
-    following, latency = _timed(lambda: client.infer(robot.observation(), PROMPT))  # while chunk 0 executes
-    latencies.append(latency)
+    episode.starts.append(time.perf_counter())  # chunk 0 starts; chunk 1 is predicted meanwhile
+    following = _timed(lambda: client.infer(robot.observation(), PROMPT), episode.latencies)
     for chunk in range(1, chunks):
-        time.sleep(max(0.0, chunk_start + robot.seconds - time.perf_counter()))  # chunk-1 done
-        chunk_start = time.perf_counter()
+        time.sleep(max(0.0, episode.starts[-1] + robot.seconds - time.perf_counter()))  # chunk-1 done
+        episode.starts.append(time.perf_counter())
         finished, executing = executing, following  # the robot starts `chunk` at once
         if chunk == chunks - 1:
             break
-        frames = 4 * (chunk_size - 1 if chunk == 1 else chunk_size)
-
-        def predict(executed=finished, frames=frames):
-            client.feedback(robot.keyframes(frames), executed)
-            return client.infer(robot.observation(), PROMPT)
-
-        following, latency = _timed(predict)
-        latencies.append(latency)
-    time.sleep(max(0.0, chunk_start + robot.seconds - time.perf_counter()))
-    return time.perf_counter() - started, latencies
+        following = _timed(lambda f=finished, c=chunk: _feedback_and_infer(client, robot, f, c - 1, chunk_size),
+                           episode.latencies)
+    time.sleep(max(0.0, episode.starts[-1] + robot.seconds - time.perf_counter()))
+    episode.end = time.perf_counter()
+    return episode
 
 
 def main() -> None:
@@ -142,14 +169,20 @@ def main() -> None:
     parser.add_argument("--video-steps", type=int, default=5)
     parser.add_argument("--action-steps", type=int, default=10)
     parser.add_argument("--video-stop-sigma", type=float, default=0.0)
-    parser.add_argument("--chunks", type=int, default=12, help="chunks per episode")
-    parser.add_argument("--exec-fractions", default="0.5,1,2", help="robot time per chunk / sync prediction time")
-    parser.add_argument("--repeats", type=int, default=3, help="sync/async episode pairs per fraction")
+    parser.add_argument("--attention-window", type=int, default=30, help="cache holds window // 2 chunks")
+    parser.add_argument("--chunks", type=int, default=24, help="chunks per episode (> window // 2 for a "
+                        "steady state with a full cache in the second half)")
+    parser.add_argument("--exec-fractions", default="1", help="robot time per chunk / P_sync, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="calibrations, each followed by one "
+                        "sync/async episode pair per robot time")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = InferenceSettings(chunk_size=args.chunk_size, video_steps=args.video_steps,
-                                 action_steps=args.action_steps, video_stop_sigma=args.video_stop_sigma)
+                                 action_steps=args.action_steps, video_stop_sigma=args.video_stop_sigma,
+                                 attention_window=args.attention_window)
+    fractions = [float(f) for f in args.exec_fractions.split(",")]
+    steady_from = args.chunks // 2
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = make_bundle(Path(tmp), args.preset, args.image_size, settings, args.actions_per_frame)
@@ -157,37 +190,53 @@ def main() -> None:
         with BackgroundServer(runtime, ServerOptions(port=0)) as server, \
                 PolicyClient(f"ws://127.0.0.1:{server.port}") as client:
             run_sync(client, Robot(args.image_size, 0.0), 3, args.chunk_size)  # warm-up
-            rows = []
-            for fraction in [float(f) for f in args.exec_fractions.split(",")]:
-                runs = []
-                for _ in range(args.repeats):
-                    # E is set from a sync run without execution time just before each pair, and the
-                    # sync and async episodes of a pair run back to back, so load changes on a shared
-                    # machine move E, sync and async together.
-                    _, latencies = run_sync(client, Robot(args.image_size, 0.0), args.chunks, args.chunk_size)
-                    robot = Robot(args.image_size, fraction * statistics.median(latencies))
-                    runs.append((robot.seconds, run_sync(client, robot, args.chunks, args.chunk_size),
-                                 run_async(client, robot, args.chunks, args.chunk_size)))
-                rows.append({
-                    "exec_fraction": fraction, "exec_ms": statistics.median(e for e, _, _ in runs) * 1e3,
-                    "sync_latency_ms": statistics.median(x for _, (_, lat), _ in runs for x in lat) * 1e3,
-                    "async_latency_ms": statistics.median(x for _, _, (_, lat) in runs for x in lat) * 1e3,
-                    "sync_chunks_per_s": statistics.median(args.chunks / s for _, (s, _), _ in runs),
-                    "async_chunks_per_s": statistics.median(args.chunks / a for _, _, (a, _) in runs),
-                    "speedup": statistics.median(s / a for _, (s, _), (a, _) in runs),
-                })
+            runs: dict[str, list[dict]] = {}
+            for _ in range(args.repeats):
+                p_sync = run_sync(client, Robot(args.image_size, 0.0), args.chunks, args.chunk_size).steady_latency()
+                p_async = run_async(client, Robot(args.image_size, 0.0), args.chunks, args.chunk_size).steady_latency()
+                points = [(f"{f:g} x P_sync", f * p_sync) for f in fractions] + [("P_async", p_async)]
+                for label, seconds in points:
+                    robot = Robot(args.image_size, seconds)
+                    sync = run_sync(client, robot, args.chunks, args.chunk_size)
+                    asyn = run_async(client, robot, args.chunks, args.chunk_size)
+                    runs.setdefault(label, []).append({
+                        "p_sync": p_sync, "p_async": p_async, "exec": seconds,
+                        "sync_steady": sync.chunks_per_s(steady_from), "async_steady": asyn.chunks_per_s(steady_from),
+                        "sync_episode": sync.chunks_per_s(), "async_episode": asyn.chunks_per_s(),
+                        "sync_run_latency": sync.steady_latency(), "async_run_latency": asyn.steady_latency()})
 
     actions = args.chunk_size * args.actions_per_frame
     print(f"preset {args.preset}, {args.threads} threads, 2 cameras {args.image_size}px, K={args.chunk_size}, "
           f"N={args.actions_per_frame} ({actions} actions/chunk), video {args.video_steps} steps "
-          f"(stop sigma {args.video_stop_sigma}), actions {args.action_steps} steps, CFG 5/1, {args.chunks} chunks")
-    header = ("exec/pred", "exec ms", "sync lat ms", "async lat ms", "sync act/s", "async act/s", "async/sync")
-    print(" | ".join(f"{h:>12}" for h in header))
+          f"(stop sigma {args.video_stop_sigma}), actions {args.action_steps} steps, CFG 5/1, "
+          f"window {args.attention_window}, {args.chunks} chunks, steady state from chunk {steady_from}, "
+          f"{args.repeats} repeats")
+    rows = []
+    for label, items in runs.items():
+        def median(key, items=items):
+            return statistics.median(item[key] for item in items)
+
+        rows.append({
+            "robot_time": label, "exec_ms": median("exec") * 1e3,
+            "p_sync_ms": median("p_sync") * 1e3, "p_async_ms": median("p_async") * 1e3,
+            "run_p_sync_ms": median("sync_run_latency") * 1e3, "run_p_async_ms": median("async_run_latency") * 1e3,
+            "sync_actions_per_s": median("sync_steady") * actions, "async_actions_per_s": median("async_steady") * actions,
+            "steady_ratio": statistics.median(i["async_steady"] / i["sync_steady"] for i in items),
+            "episode_ratio": statistics.median(i["async_episode"] / i["sync_episode"] for i in items),
+            "bound_ratio": statistics.median((i["exec"] + i["p_sync"]) / max(i["exec"], i["p_async"]) for i in items),
+        })
+    header = ("robot time E", "E ms", "P_sync ms", "P_async ms", "run P_sync", "run P_async", "sync act/s",
+              "async act/s", "async/sync", "bound", "episode")
+    print(" | ".join(f"{h:>11}" for h in header))
     for r in rows:
-        values = (f"{r['exec_fraction']:.2f}", f"{r['exec_ms']:.1f}", f"{r['sync_latency_ms']:.1f}",
-                  f"{r['async_latency_ms']:.1f}", f"{r['sync_chunks_per_s'] * actions:.1f}",
-                  f"{r['async_chunks_per_s'] * actions:.1f}", f"{r['speedup']:.2f}x")
-        print(" | ".join(f"{v:>12}" for v in values))
+        values = (r["robot_time"], f"{r['exec_ms']:.0f}", f"{r['p_sync_ms']:.0f}", f"{r['p_async_ms']:.0f}",
+                  f"{r['run_p_sync_ms']:.0f}", f"{r['run_p_async_ms']:.0f}",
+                  f"{r['sync_actions_per_s']:.1f}", f"{r['async_actions_per_s']:.1f}", f"{r['steady_ratio']:.2f}x",
+                  f"{r['bound_ratio']:.2f}x", f"{r['episode_ratio']:.2f}x")
+        print(" | ".join(f"{v:>11}" for v in values))
+    print("P_sync, P_async: calibrated steady-state prediction ms per chunk (no execution time); run P_*: the "
+          "same inside the timed episodes; async/sync: measured steady-state ratio; bound: (E + P_sync) / "
+          f"max(E, P_async) from the calibration; episode: whole {args.chunks}-chunk episodes")
     print(json.dumps(rows))
 
 

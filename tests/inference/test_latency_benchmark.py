@@ -1,0 +1,46 @@
+"""bench/inference_latency.py serves a tiny exported model and drives sync and async episodes."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "inference_latency.py"
+
+
+def _script_module():
+    spec = importlib.util.spec_from_file_location("inference_latency", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_episode_throughput_counts_chunks_from_the_chosen_start():
+    episode = _script_module().Episode(starts=[0.0, 1.0, 2.5, 3.0], end=4.0, latencies=[0.2, 0.4, 0.6])
+    assert episode.chunks_per_s() == pytest.approx(4 / 4.0)
+    assert episode.chunks_per_s(2) == pytest.approx(2 / 1.5)
+    assert episode.steady_latency() == pytest.approx(0.5)  # the second half: 0.4 and 0.6
+
+
+def test_a_tiny_model_runs_both_robot_times_and_async_control_overlaps_prediction():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "tiny-mot", "--image-size", "32", "--chunks", "6", "--repeats", "1",
+         "--video-steps", "2", "--action-steps", "2", "--threads", "1", "--attention-window", "4"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {row["robot_time"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])}
+    assert set(rows) == {"1 x P_sync", "P_async"}
+    at_sync, balanced = rows["1 x P_sync"], rows["P_async"]
+    assert at_sync["exec_ms"] == pytest.approx(at_sync["p_sync_ms"])
+    assert balanced["exec_ms"] == pytest.approx(balanced["p_async_ms"])
+    for row in rows.values():
+        e, p_sync, p_async = row["exec_ms"], row["p_sync_ms"], row["p_async_ms"]
+        assert row["bound_ratio"] == pytest.approx((e + p_sync) / max(e, p_async))
+        assert row["steady_ratio"] == pytest.approx(row["async_actions_per_s"] / row["sync_actions_per_s"])
+    # With the robot as slow as a synchronous prediction, sync needs E + P_sync per chunk and async
+    # max(E, P_async): async must come out clearly ahead unless it stopped overlapping.
+    assert at_sync["steady_ratio"] > 1.2
