@@ -172,6 +172,8 @@ def train(
             wandb_project=config.run.wandb_project, run_name=config.run.name, run_id=config.run.name,
             config=config_to_dict(config), console=console, start_step=state.step,
         )) if logging_rank else None
+        if hasattr(batches, "close"):  # ends the loader workers with the run, not at interpreter exit
+            stack.callback(batches.close)
         window_sums: dict[str, float] = {}
         window_tokens, window_start = 0, time.perf_counter()
         for step in range(state.step + 1, config.run.steps + 1):

@@ -2,6 +2,9 @@
 with nothing repeated or skipped; through a real DataLoader with worker processes."""
 
 import json
+import multiprocessing
+import subprocess
+import time
 from collections import Counter
 
 import pytest
@@ -85,3 +88,23 @@ def test_a_state_from_another_plan_is_refused(dataset):
     state = make_loader([dataset]).state_dict()
     with pytest.raises(UserError, match="data plan"):
         make_loader([dataset], seed=1).load_state_dict(state)
+
+
+def test_loader_workers_survive_a_sigterm_from_outside_and_end_when_the_iterator_closes(dataset):
+    """Slurm's SIGTERM reaches every process of a job, loader workers included: they keep loading
+    until the rank, which checkpoints first, closes its iterator, and then they are gone."""
+    expected = take(make_loader([dataset], num_workers=0), 6)
+    iterator = iter(make_loader([dataset], num_workers=2))
+    got = [next(iterator) for _ in range(2)]
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    # From another process, as slurmstepd sends it (torch's worker handler spares only its parent's).
+    subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers)], check=True)
+    subprocess.run(["kill", "-USR2", *(str(w.pid) for w in workers)], check=True)
+    time.sleep(0.5)
+    got += [next(iterator) for _ in range(4)]  # a dead worker would raise here
+    _assert_same_sequences(expected, got)
+    assert all(w.is_alive() for w in workers)
+    iterator.close()
+    assert multiprocessing.active_children() == []
+    assert all(w.exitcode == 0 for w in workers)

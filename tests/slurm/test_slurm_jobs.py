@@ -118,11 +118,9 @@ def test_a_requeue_by_scontrol_mid_run_resumes_to_the_same_losses(slurm_cluster,
     assert losses(run_dir(tiny_config, "requeued")) == reference[1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Slurm signals every process of the job; torch's DataLoader workers die of SIGTERM and take their rank "
-    "down before it checkpoints. Making the workers ignore SIGTERM fixes the stop but then a worker outlives "
-    "its rank at exit and the job never ends; the fix needs the rank to end its workers itself."))
 def test_a_requeue_mid_run_with_data_loader_workers_resumes_to_the_same_losses(slurm_cluster, tiny_config, reference):
+    # Slurm's SIGTERM also reaches the loader workers: they must outlive it until their rank has
+    # checkpointed, and end with it (training/data/loader.py).
     job_id = submit_sbatch(slurm_cluster, tiny_config, "requeued-workers", "data.num_workers=2")
     wait_for_step(run_dir(tiny_config, "requeued-workers"), 2)
     slurm_cluster.run("scontrol", "requeue", job_id)

@@ -46,6 +46,7 @@ Energon would also add a second prepare step (.nv-meta) and its storage dependen
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -203,12 +204,28 @@ def _as_is(item: LoadedSequence) -> LoadedSequence:
     return item
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: the rank, not Slurm, decides when its workers end.
+
+    Slurm ends a job (scancel, preemption, `scontrol requeue`) by sending SIGTERM to every process
+    of it, loader workers included, and relays the time-limit SIGUSR2 the same way. torch installs a
+    SIGTERM handler in each worker that dies of any SIGTERM not sent by its parent, after which the
+    rank fails with "DataLoader worker ... is killed by signal" before it can checkpoint. Ignoring
+    both signals here (this runs after torch's handlers are set) keeps the workers loading while
+    the rank finishes its step and saves; the rank then ends them itself (PackedLoader.__iter__),
+    and Slurm's SIGKILL after KillWait still ends everything if the rank does not.
+    """
+    for signum in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def torch_data_loader(stream: PreparedStream, num_workers: int, prefetch_factor: int = 2) -> DataLoader:
     """A DataLoader over the stream: one packed sequence per item (batch size 1 per step),
     `num_workers` processes loading ahead so loading overlaps compute."""
     return DataLoader(
         stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
     )
 
 
@@ -231,11 +248,22 @@ class PackedLoader:
         self._position = stream.position
 
     def __iter__(self) -> Iterator[PackedSequence]:
+        """Close the returned generator (or let it be collected) to end the loader workers: their
+        iterator shuts them down at once. Left to interpreter exit, multiprocessing would instead
+        terminate them, which workers that ignore SIGTERM survive, and then wait for them forever."""
         self.stream.position = self._position
-        for item in torch_data_loader(self.stream, self.num_workers, self.prefetch_factor):
-            self._position = item.position_after
-            self.bad_data.update(record.kind for record in item.bad)
-            yield item.sequence
+        items = iter(torch_data_loader(self.stream, self.num_workers, self.prefetch_factor))
+        try:
+            while True:
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                self._position = item.position_after
+                self.bad_data.update(record.kind for record in item.bad)
+                yield item.sequence
+        finally:
+            del items  # the last reference: the DataLoader iterator shuts its workers down and joins them
 
     def state_dict(self) -> dict:
         plan = self.stream.plan
