@@ -14,11 +14,11 @@ a chunk takes E seconds of wall time.
                   while chunk c executes
 
 Control throughput is executed actions per second of robot time (K*N actions per chunk). The
-headline figure is the steady state: chunks per second over the second half of each episode, where
-the KV cache has filled its attention window (the default episode is longer than the window) and
-start-up is over. The whole-episode figure is printed beside it; it is lower for asynchronous
-control because an n-chunk episode holds n-1 predictions either way, which caps its ratio at
-2 - 1/n even with a free forward-dynamics pass.
+headline figure is the steady state: the rate at which chunks start over the second half of each
+episode (from chunk n/2 to the last chunk's start), where the KV cache has filled its attention
+window (the default episode is longer than the window) and start-up is over. The whole-episode
+figure is printed beside it; it is lower for asynchronous control because an n-chunk episode holds
+n-1 predictions either way, which caps its ratio at 2 - 1/n even with a free forward-dynamics pass.
 
 Each repeat first calibrates, on episodes without execution time, the steady-state prediction time
 per chunk of both modes (P_sync = feedback + infer, P_async = feedback with the forward-dynamics
@@ -103,9 +103,15 @@ class Episode:
     end: float = 0.0
     latencies: list[float] = field(default_factory=list)
 
-    def chunks_per_s(self, first: int = 0) -> float:
-        """Executed chunks per second from the start of chunk `first` to the end of the episode."""
-        return (len(self.starts) - first) / (self.end - self.starts[first])
+    def chunks_per_s(self) -> float:
+        """Executed chunks per second over the whole episode, first start to last end."""
+        return len(self.starts) / (self.end - self.starts[0])
+
+    def steady_chunks_per_s(self, first: int) -> float:
+        """Chunk starts per second from the start of chunk `first` to the start of the last chunk:
+        the control rate of a robot that keeps going, without the episode's last chunk, after
+        which neither mode predicts anything."""
+        return (len(self.starts) - 1 - first) / (self.starts[-1] - self.starts[first])
 
     def steady_latency(self) -> float:
         """Mean prediction latency over the second half of the episode (the cache window is full)."""
@@ -201,7 +207,8 @@ def main() -> None:
                     asyn = run_async(client, robot, args.chunks, args.chunk_size)
                     runs.setdefault(label, []).append({
                         "p_sync": p_sync, "p_async": p_async, "exec": seconds,
-                        "sync_steady": sync.chunks_per_s(steady_from), "async_steady": asyn.chunks_per_s(steady_from),
+                        "sync_steady": sync.steady_chunks_per_s(steady_from),
+                        "async_steady": asyn.steady_chunks_per_s(steady_from),
                         "sync_episode": sync.chunks_per_s(), "async_episode": asyn.chunks_per_s(),
                         "sync_run_latency": sync.steady_latency(), "async_run_latency": asyn.steady_latency()})
 

@@ -19,10 +19,10 @@ def _script_module():
     return module
 
 
-def test_episode_throughput_counts_chunks_from_the_chosen_start():
-    episode = _script_module().Episode(starts=[0.0, 1.0, 2.5, 3.0], end=4.0, latencies=[0.2, 0.4, 0.6])
-    assert episode.chunks_per_s() == pytest.approx(4 / 4.0)
-    assert episode.chunks_per_s(2) == pytest.approx(2 / 1.5)
+def test_steady_throughput_counts_chunk_starts_and_leaves_out_the_last_chunk():
+    episode = _script_module().Episode(starts=[0.0, 1.0, 2.5, 3.0, 4.5], end=6.0, latencies=[0.2, 0.4, 0.6])
+    assert episode.chunks_per_s() == pytest.approx(5 / 6.0)
+    assert episode.steady_chunks_per_s(1) == pytest.approx(3 / 3.5)  # starts of chunks 1..4, not the last end
     assert episode.steady_latency() == pytest.approx(0.5)  # the second half: 0.4 and 0.6
 
 
