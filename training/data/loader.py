@@ -254,11 +254,7 @@ class PackedLoader:
         self.stream.position = self._position
         items = iter(torch_data_loader(self.stream, self.num_workers, self.prefetch_factor))
         try:
-            while True:
-                try:
-                    item = next(items)
-                except StopIteration:
-                    return
+            for item in items:
                 self._position = item.position_after
                 self.bad_data.update(record.kind for record in item.bad)
                 yield item.sequence
