@@ -66,3 +66,21 @@ def test_forward_returns_one_prediction_per_token(preset):
 def test_every_preset_builds():
     for name in PRESETS:
         assert parameter_counts(build_on_meta(get_preset(name)))["total"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_wide_enough_for_its_video_tokens(name):
+    config = PRESETS[name]
+    assert config.video_width >= config.video_token_dim
+
+
+def test_a_video_stream_narrower_than_its_tokens_is_refused_with_the_numbers():
+    # 4 x 32 = 128 < 48 x 4 = 192: the output layer's rank would leave a third of the velocity
+    # unreachable, a floor of ~0.34 under the video loss (the old demo preset's plateau).
+    with pytest.raises(ValueError, match=r"4 x 32 = 128 is narrower than a video token .* 192"):
+        get_preset("demo-mot", head_dim=32)
+
+
+def test_an_action_output_path_narrower_than_the_action_space_is_refused():
+    with pytest.raises(ValueError, match="action_io_hidden"):
+        get_preset("tiny-mot", action_io_hidden=16)

@@ -3,6 +3,8 @@ dataset in the RoboTwin T-shape: latents are the VAE's normalised mean, texts ar
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,11 +12,12 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from lbva.training.data.encoders import EncoderChoice
-from lbva.training.data.format import EMPTY_TEXT_ID
-from lbva.training.data.prepare import PrepareConfig, prepare
 from lbva.errors import UserError
-from lbva.training.lerobot_v21 import LeRobotDataset
+from lbva.models.encoders import EncoderChoice
+from lbva.training.data.format import EMPTY_TEXT_ID
+from lbva.training.data.lerobot import LeRobotDataset
+from lbva.training.data.prepare import PrepareConfig, prepare
+from lbva.training.data.tiny_models import write_tiny_wan_vae
 
 CAMERAS = ["observation.images.cam_high", "observation.images.cam_left_wrist", "observation.images.cam_right_wrist"]
 
@@ -94,3 +97,19 @@ def test_card_records_the_encoders_their_configs_and_the_layout(prepared, tiny_v
 def test_another_source_with_other_encoders_is_refused(prepared, v21_dataset, run_standin):
     with pytest.raises(UserError, match="prepared with other encoders"):
         run_standin(v21_dataset, prepared[0])
+
+
+def test_a_tiny_vae_calibrated_on_clips_writes_unit_scale_latents(tmp_path):
+    # The real Wan2.2 VAE's latents_mean/std are data statistics, so its normalised latents are
+    # near unit scale; a random tiny VAE calibrated on the clips it will encode must be too.
+    from lbva.models.encoders import WanVideoEncoder
+    from lbva.training.data.demo_world import simulate_episode
+
+    rng = np.random.default_rng(3)
+    clips = [simulate_episode(rng, 9, image_size=64).frames for _ in range(4)]
+    folder = write_tiny_wan_vae(tmp_path / "vae", calibration_clips=clips)
+    encoder = WanVideoEncoder(folder, "cpu")
+    pixels = torch.stack([torch.from_numpy(c).float().div(127.5).sub(1).permute(3, 0, 1, 2) for c in clips])
+    latents = encoder.encode(pixels).transpose(0, 1).flatten(1)  # [48, N]
+    assert latents.mean(1).abs().max() < 1e-3
+    assert torch.allclose(latents.std(1), torch.ones(48), atol=1e-3)

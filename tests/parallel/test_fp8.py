@@ -35,7 +35,7 @@ def test_the_filter_leaves_the_action_stream_modulation_embeddings_and_heads_alo
 
 
 def test_the_filter_skips_layers_whose_dims_are_not_multiples_of_16():
-    config = ModelConfig(layout="mot", num_layers=1, num_heads=4, head_dim=16, video_ffn_dim=72, action_width=16,
+    config = ModelConfig(layout="mot", num_layers=1, num_heads=4, head_dim=48, video_ffn_dim=72, action_width=32,
                          action_ffn_dim=64, action_io_hidden=32, text_dim=32, freq_dim=32)
     names = fp8_linear_names(LingBotVA(config))
     assert "blocks.0.attn1.to_q" in names

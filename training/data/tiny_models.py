@@ -14,8 +14,16 @@ import numpy as np
 import torch
 
 
-def write_tiny_wan_vae(folder: Path, seed: int = 0) -> Path:
-    """A random AutoencoderKLWan of the Wan2.2 geometry, with its own latents_mean/std, saved to folder."""
+def write_tiny_wan_vae(folder: Path, seed: int = 0, calibration_clips: Iterable[np.ndarray] = ()) -> Path:
+    """A random AutoencoderKLWan of the Wan2.2 geometry, saved to folder.
+
+    Its latents_mean / latents_std are, as the real Wan2.2 VAE's are, per-channel statistics of the
+    posterior means over data: computed here on `calibration_clips` (uint8 [T, H, W, 3] with
+    T = 1 + 4k), so the normalised latents this VAE writes have zero mean and unit variance per
+    channel on that data. Without clips the statistics are random placeholders, and a random VAE's
+    latents then have a variance of a few hundredths: a scale no real VAE gives, at which a
+    denoiser learns almost nothing but the noise.
+    """
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
@@ -27,8 +35,23 @@ def write_tiny_wan_vae(folder: Path, seed: int = 0) -> Path:
         latents_mean=generator.normal(0, 0.1, 48).round(4).tolist(),
         latents_std=generator.uniform(0.5, 2.0, 48).round(4).tolist(),
     )
+    clips = list(calibration_clips)
+    if clips:
+        mean, std = _posterior_statistics(vae, clips)
+        vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.save_pretrained(folder)
     return Path(folder)
+
+
+@torch.no_grad()
+def _posterior_statistics(vae, clips: list[np.ndarray]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of the VAE's posterior means over the clips."""
+    means = []
+    for clip in clips:
+        pixels = torch.from_numpy(clip).float().div(127.5).sub(1.0).permute(3, 0, 1, 2)[None]  # [1, 3, T, H, W]
+        means.append(vae.encode(pixels).latent_dist.mean[0].flatten(1))  # [z_dim, F*h*w]
+    latents = torch.cat(means, dim=1).double()
+    return latents.mean(1).tolist(), latents.std(1).clamp_min(1e-6).tolist()
 
 
 def write_tiny_umt5(folder: Path, words: Iterable[str], d_model: int = 32, seed: int = 0) -> Path:
