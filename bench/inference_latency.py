@@ -52,13 +52,13 @@ from lbva.checkpoints_tools.export import write_weights_checkpoint
 from lbva.inference.bundle import BundleSpec, export_inference_bundle, load_bundle
 from lbva.inference.client import PolicyClient
 from lbva.inference.observations import CameraLayout
-from lbva.inference.settings import InferenceSettings
 from lbva.inference.server import BackgroundServer, ServerOptions
+from lbva.inference.settings import InferenceSettings
+from lbva.models.action_space import ActionStats
 from lbva.models.config import get_preset
+from lbva.models.encoders import EncoderChoice
 from lbva.models.mot import LingBotVA
-from lbva.training.data.encoders import EncoderChoice
-from lbva.training.data.tiling import make_tiling
-from lbva.training.demo_dataset import ActionStats
+from lbva.models.tiling import make_tiling
 
 CAMERAS = ("observation.images.top", "observation.images.wrist")
 CHANNELS = (0, 1)

@@ -21,16 +21,18 @@ from pathlib import Path
 
 import torch
 
+from lbva.errors import UserError
+from lbva.models.action_space import ACTION_DIM
 from lbva.models.config import PRESETS, get_preset
 from lbva.models.mot import LingBotVA
 from lbva.parallelism.flops import SequenceMix, training_flops_per_token
 from lbva.parallelism.fp8 import apply_fp8
 from lbva.parallelism.plan import GPU_TYPES
+from lbva.parallelism.step_layout import plain_layout
 from lbva.training.config import TrainConfig
-from lbva.errors import UserError
+from lbva.training.data.packing import PackedSequence, build_packed_sequence, cut_windows
+from lbva.training.data.samples import EpisodeSample
 from lbva.training.optim import build_optimizer
-from lbva.training.packing import PackedSequence, build_packed_sequence, cut_windows
-from lbva.training.samples import ACTION_DIM, EpisodeSample
 from lbva.training.step import FlowMatchingObjective
 from lbva.training.trainer import train_step
 
@@ -140,6 +142,7 @@ def run(args: argparse.Namespace) -> dict:
     seq = synthetic_sequence(mix, config.in_channels, config.text_dim)
     objective = FlowMatchingObjective(train_config.objective, empty_text=torch.zeros(mix.text_tokens, config.text_dim))
     optimizer = build_optimizer(model, train_config.optim)
+    layout = plain_layout(train_config.model.attention)
 
     seconds: list[float] = []
     for step in range(1, args.warmup + args.steps + 1):
@@ -147,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         started = time.perf_counter()
-        train_step(model, objective, seq, optimizer, train_config, device, step)
+        train_step(model, objective, layout, seq, optimizer, train_config, device, step)
         if fp8 is not None:
             fp8.after_optimizer_step()
         _sync(device)

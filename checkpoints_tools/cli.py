@@ -1,4 +1,6 @@
-"""`lbva export`, `lbva import`, `lbva ckpt inspect|verify`."""
+"""`lbva export post-training`, `lbva import`, `lbva ckpt inspect|verify`. The root `lbva` command
+(launchers/cli.py) adds them: `register_export` into its `export` group (beside the inference
+package's `export inference`), `register` at the top level."""
 
 from __future__ import annotations
 
@@ -81,19 +83,18 @@ def _cmd_verify(args) -> None:
     print(f"{args.checkpoint}: complete, all checksums match")
 
 
-def register(commands: argparse._SubParsersAction, parser_class) -> None:
-    export = commands.add_parser("export", help="export a checkpoint")
-    export_kinds = export.add_subparsers(dest="export_kind", required=True, parser_class=parser_class)
+def register_export(export_kinds: argparse._SubParsersAction) -> None:
+    """Add `post-training` to the `lbva export` group."""
     post = export_kinds.add_parser("post-training", help="diffusers-style folder for post-training")
     post.add_argument("checkpoint", type=Path)
     post.add_argument("out", type=Path)
     post.add_argument("--attn-mode", choices=["torch", "flashattn", "flex"], default="torch")
     post.add_argument("--max-shard-gb", type=float, default=5.0)
     post.set_defaults(func=_cmd_export)
-    from lbva.inference.cli import register_export
 
-    register_export(export_kinds)
 
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add `import` and `ckpt {inspect,verify}` to the `lbva` subcommands."""
     imp = commands.add_parser("import", help="released weights -> a step-0 checkpoint")
     imp.add_argument("kind", choices=["lingbot", "wan"], help="lingbot: released LingBot-VA; wan: Wan2.2 diffusers")
     imp.add_argument("source", type=Path)
@@ -102,7 +103,7 @@ def register(commands: argparse._SubParsersAction, parser_class) -> None:
     imp.set_defaults(func=_cmd_import)
 
     ckpt = commands.add_parser("ckpt", help="checkpoint tools")
-    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=parser_class)
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
     for name, func, text in (("inspect", _cmd_inspect, "tensors, shapes, dtypes, step, layout, sizes"),
                              ("verify", _cmd_verify, "completeness and checksums")):
         sub = ckpt_commands.add_parser(name, help=text)

@@ -77,7 +77,7 @@ def released_config(config: ModelConfig, attn_mode: str) -> dict:
 
 
 def folder_config(config: ModelConfig, attn_mode: str) -> dict:
-    if config.layout == "shared":
+    if not config.dual_stream:
         return released_config(config, attn_mode)
     return {"_class_name": MOT_CLASS, **json.loads(json.dumps(asdict(config))), "attn_mode": attn_mode}
 

@@ -10,5 +10,5 @@
     observations.py    camera images -> latents (streaming), prompts -> text features, action codec
     protocol.py        msgpack + numpy payloads and request validation (spec 4.4)
     server.py          `lbva serve`: the websocket server; client.py: a client that follows it
-    cli.py             register_export (export inference) and register_serve (serve)
+    cli.py             register_export (export inference) and register (serve)
 """

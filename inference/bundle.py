@@ -26,13 +26,12 @@ import torch
 
 from lbva.checkpoints_tools.export import export_post_training, load_lingbot_folder, model_config_from_meta
 from lbva.checkpoints_tools.manager import read_meta
-from lbva.models.config import ModelConfig
-from lbva.models.mot import LingBotVA
-from lbva.training.data.encoders import EncoderChoice
-from lbva.training.data.tiling import Tiling
-from lbva.training.demo_dataset import ActionStats
 from lbva.errors import UserError
-from lbva.training.samples import ACTION_DIM
+from lbva.models.action_space import ACTION_DIM, ActionStats
+from lbva.models.config import ModelConfig
+from lbva.models.encoders import EncoderChoice
+from lbva.models.mot import LingBotVA
+from lbva.models.tiling import Tiling
 
 from .observations import ActionCodec, CameraLayout, ObservationEncoder, PromptEncoder
 from .runtime import InferenceRuntime
@@ -185,8 +184,10 @@ def load_bundle(folder: Path) -> Bundle:
 def spec_from_checkpoint(checkpoint: Path) -> dict:
     """What a training checkpoint knows about its data: {"action_channels", "text_tokens",
     "video_shift", "action_shift", "stats"} where recorded. The trainer writes data_stats.json into
-    the run folder, two levels above its checkpoints: for a run on one in-process LeRobot folder it
-    holds that folder's q01/q99; prepared data records them in its card (pass --card)."""
+    the run folder, two levels above its checkpoints: today it holds the prepared datasets' cards,
+    which record channels and stats per source (pass --card with --source); runs of earlier versions
+    on one in-process LeRobot folder recorded data.action_channels in the config and that folder's
+    q01/q99 there, which are still read."""
     meta = read_meta(checkpoint)
     config = meta.get("config") or {}
     data, objective = config.get("data", {}), config.get("objective", {})

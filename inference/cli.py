@@ -1,7 +1,8 @@
 """`lbva export inference CKPT OUT` and `lbva serve BUNDLE`.
 
-The lead's CLI wires them in: `register_export(export_kinds)` adds `inference` beside
-`post-training` in the `export` group, `register_serve(commands, parser_class)` adds `serve`.
+The root `lbva` command (launchers/cli.py) wires them in: `register_export(export_kinds)` adds
+`inference` beside checkpoints_tools' `post-training` in its `export` group, `register(commands)`
+adds `serve`.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def _settings_given(args: argparse.Namespace) -> dict:
 def _cmd_export_inference(args: argparse.Namespace) -> None:
     from lbva.checkpoints_tools.export import model_config_from_meta
     from lbva.checkpoints_tools.manager import CheckpointError, read_meta
-    from lbva.training.data.encoders import EncoderChoice
-    from lbva.training.data.tiling import make_tiling
-    from lbva.training.demo_dataset import ActionStats
+    from lbva.models.action_space import ActionStats
+    from lbva.models.encoders import EncoderChoice
+    from lbva.models.tiling import make_tiling
 
     from .bundle import BundleSpec, export_inference_bundle, spec_from_card, spec_from_checkpoint
     from .observations import CameraLayout
@@ -171,9 +172,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         print("stopped")
 
 
-def register_serve(commands: argparse._SubParsersAction, parser_class: type[argparse.ArgumentParser]) -> None:
-    """Add `serve BUNDLE` to the top-level commands. `parser_class` is the CLI's parser class, taken
-    for symmetry with the other register functions; `serve` has no subcommands that would need it."""
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add `serve BUNDLE` to the `lbva` subcommands."""
     p = commands.add_parser("serve", help="serve an inference bundle to robots over websocket + msgpack")
     p.add_argument("bundle", type=Path)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")

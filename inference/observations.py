@@ -1,7 +1,7 @@
 """What a robot sends -> model inputs, and predicted actions -> what it executes.
 
 Cameras (spec 2.1): each camera image is resized on its own and encoded on its own, and the latents
-are tiled into one canvas (training/data/tiling.py). Frames arrive one chunk at a time, so encoding is
+are tiled into one canvas (models/tiling.py). Frames arrive one chunk at a time, so encoding is
 streaming: the first frame of an episode alone, then groups of 4 frames per latent frame, continuing
 the causal encoder where the previous chunk left it.
 
@@ -18,10 +18,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from lbva.training.data.encoders import EncoderChoice, StandInVideo, WanVideoEncoder
-from lbva.training.data.tiling import Tiling, resize_frames
-from lbva.training.demo_dataset import ActionStats
-from lbva.training.samples import ACTION_DIM
+from lbva.models.action_space import ACTION_DIM, ActionStats
+from lbva.models.encoders import EncoderChoice, StandInVideo, WanVideoEncoder
+from lbva.models.tiling import Tiling, resize_frames
 
 
 @dataclass(frozen=True)

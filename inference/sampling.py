@@ -1,6 +1,6 @@
 """Sampling schedules, the Euler step and classifier-free guidance (spec 3.1, 4.1).
 
-Sigma convention of training/objectives.py: x_sigma = (1 - sigma) x0 + sigma eps, the model predicts
+Sigma convention of models/flow_schedule.py: x_sigma = (1 - sigma) x0 + sigma eps, the model predicts
 eps - x0 at timestep sigma * 1000, and an Euler step is x <- x + v (sigma_next - sigma).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lbva.training.objectives import FlowMatchGrid
+from lbva.models.flow_schedule import FlowMatchGrid
 
 
 def denoising_sigmas(steps: int, shift: float, stop_sigma: float = 0.0) -> torch.Tensor:

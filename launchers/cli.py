@@ -1,9 +1,16 @@
-"""`lbva launch`: start a run on a Slurm cluster (`slurm`), on this machine (`local`), or run one
-rank of a run under torchrun (`worker`: what `local` and slurm/pretrain.sbatch start per rank).
+"""The root `lbva` command. Each package adds its own subcommands through a `register` function;
+this module, above them all, is the only one that imports them, and adds the launchers' own:
 
-`register` adds the commands to the `lbva` CLI. `python -m lbva.launchers.cli COMMAND ...` runs
-the same commands without the console script: torchrun starts workers by module name, so a job
-needs no `lbva` on its PATH.
+    `lbva train`    one rank of a run: resume from the run's newest checkpoint, train, stop at a
+                    step boundary on SIGUSR2/SIGTERM (checkpointed), requeue a Slurm job stopped by
+                    its time limit. Alone it is a one-process run; torchrun starts it per rank.
+    `lbva launch`   start a run on a Slurm cluster (`slurm`) or on this machine (`local`), after
+                    checking its layout against the allocation.
+
+`python -m lbva.launchers.cli COMMAND ...` is the same command without the console script:
+`lbva launch local` and slurm/pretrain.sbatch start `python -m lbva.launchers.cli train` under
+torchrun, so a job needs no `lbva` on its PATH. User mistakes (UserError) end as one line on
+stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -12,43 +19,32 @@ import argparse
 import sys
 from pathlib import Path
 
+from lbva.checkpoints_tools import cli as checkpoints_cli
 from lbva.errors import UserError
+from lbva.inference import cli as inference_cli
+from lbva.parallelism import plan
+from lbva.training import cli as training_cli
+from lbva.training.data import cli as data_cli
 
 
-def _load_config(args: argparse.Namespace, check_data: bool = False):
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every `lbva` (sub)command: subparsers take the class of their parent, so
+    every level reports a usage mistake as one line."""
+
+    def error(self, message: str):  # one line, not usage + error
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _load_config(args: argparse.Namespace):
     from lbva.training.config import TrainConfig
     from lbva.training.config_io import load_config
-    from lbva.training.data_source import check_data_config
 
-    config = load_config(TrainConfig, args.config, args.overrides)
-    if check_data:  # before a job waits in the queue, or torchrun starts workers, for nothing
-        check_data_config(config)
-    return config
+    return load_config(TrainConfig, args.config, args.overrides)
 
 
-def _cmd_slurm(args: argparse.Namespace) -> None:
-    from .slurm import SlurmResources, parse_sbatch_options, parse_time, submit  # imports submitit
+def _cmd_train(args: argparse.Namespace) -> None:
+    from lbva.training.distributed import world_from_env
 
-    resources = SlurmResources(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, time_minutes=parse_time(args.time),
-        partition=args.partition, signal_before_s=args.signal_before, max_requeues=args.max_requeues,
-        sbatch=parse_sbatch_options(args.sbatch),
-    )
-    config = _load_config(args, check_data=True)
-    job_ids, folder = submit(config, resources, chain=args.chain)
-    chained = " (chained: each starts after the previous one ends)" if len(job_ids) > 1 else ""
-    print(f"submitted job {', '.join(job_ids)}{chained} for run {folder.parent}")
-    print(f"logs: {folder}/<job id>_<task>_log.out; watch: squeue -j {','.join(job_ids)}")
-
-
-def _cmd_local(args: argparse.Namespace) -> None:
-    from .local import default_nproc, launch_local
-
-    _load_config(args, check_data=True)  # a bad config ends here, in one line, not in every worker
-    launch_local(args.config, args.overrides, args.nproc or default_nproc())
-
-
-def _cmd_worker(args: argparse.Namespace) -> None:
     from .local import run_worker
     from .signals import StopFlag, ignore_stop_signals
     from .slurm import requeue_after_time_limit
@@ -59,6 +55,29 @@ def _cmd_worker(args: argparse.Namespace) -> None:
     outcome = run_worker(_load_config(args), stop)
     ignore_stop_signals()
     requeue_after_time_limit(outcome)
+    if outcome.finished and world_from_env().rank == 0:
+        print(f"run finished: {outcome.run_dir} ({outcome.steps} steps)")
+
+
+def _cmd_slurm(args: argparse.Namespace) -> None:
+    from .slurm import SlurmResources, parse_sbatch_options, parse_time, submit  # imports submitit
+
+    resources = SlurmResources(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, time_minutes=parse_time(args.time),
+        partition=args.partition, signal_before_s=args.signal_before, max_requeues=args.max_requeues,
+        sbatch=parse_sbatch_options(args.sbatch),
+    )
+    job_ids, folder = submit(_load_config(args), resources, chain=args.chain)
+    chained = " (chained: each starts after the previous one ends)" if len(job_ids) > 1 else ""
+    print(f"submitted job {', '.join(job_ids)}{chained} for run {folder.parent}")
+    print(f"logs: {folder}/<job id>_<task>_log.out; watch: squeue -j {','.join(job_ids)}")
+
+
+def _cmd_local(args: argparse.Namespace) -> None:
+    from .local import default_nproc, launch_local
+
+    config = _load_config(args)  # a bad config ends here, in one line, not in every worker
+    launch_local(config, args.config, args.overrides, args.nproc or default_nproc())
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +85,17 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. run.steps=100")
 
 
-def _add_commands(commands: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `train` and `launch {slurm,local}` to the `lbva` subcommands."""
+    train = subparsers.add_parser(
+        "train", help="train from a TOML config plus KEY=VALUE overrides (one rank under torchrun): resumes the "
+                      "run's newest checkpoint, stops at a step boundary with a checkpoint on SIGUSR2/SIGTERM",
+    )
+    _add_config_arguments(train)
+    train.set_defaults(func=_cmd_train)
+
+    launch = subparsers.add_parser("launch", help="start a run on Slurm or on this machine")
+    commands = launch.add_subparsers(dest="launch_command", required=True)
     slurm = commands.add_parser(
         "slurm", help="submit the run as Slurm jobs (submitit) that checkpoint and requeue at the time limit",
         description="Submit the run to Slurm through submitit: one task per GPU, SIGUSR2 before the time limit "
@@ -91,31 +120,29 @@ def _add_commands(commands: argparse._SubParsersAction) -> None:
     local.add_argument("--nproc", type=int, default=None, help="ranks to start (default: one per GPU, 1 without)")
     local.set_defaults(func=_cmd_local)
 
-    worker = commands.add_parser(
-        "worker", help="one rank of a run (under torchrun): resume, train, stop at a step boundary on SIGUSR2/SIGTERM",
-    )
-    _add_config_arguments(worker)
-    worker.set_defaults(func=_cmd_worker)
 
-
-def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse.ArgumentParser]) -> None:
-    """Add `launch {slurm,local,worker}` to the `lbva` subcommands."""
-    launch = subparsers.add_parser("launch", help="start a run on Slurm or on this machine")
-    commands = launch.add_subparsers(dest="launch_command", required=True, parser_class=parser_class)
-    _add_commands(commands)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, as the lbva CLI does
-        raise UserError(f"{self.prog}: {message}")
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `lbva` command: every package's subcommands under one parser."""
+    parser = CommandParser(prog="lbva", description="Pretraining of LingBot-VA video-action world models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    register(commands)  # train, launch
+    training_cli.register(commands)  # model-info, demo
+    data_cli.register(commands)  # data prepare, data demo
+    plan.register(commands)  # plan
+    # `export` gathers what two packages write from a checkpoint; neither imports the other.
+    export_kinds = commands.add_parser("export", help="export a checkpoint").add_subparsers(
+        dest="export_kind", required=True)
+    checkpoints_cli.register_export(export_kinds)  # export post-training
+    inference_cli.register_export(export_kinds)  # export inference
+    checkpoints_cli.register(commands)  # import, ckpt
+    inference_cli.register(commands)  # serve
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m lbva.launchers.cli {slurm,local,worker} ...`; exit status 2 for user errors."""
-    parser = _Parser(prog="lbva launch", description="Start a run on Slurm or on this machine, or one rank of it.")
-    _add_commands(parser.add_subparsers(dest="launch_command", required=True, parser_class=_Parser))
+    """Run `lbva ARGV`; returns the exit status (2 for a user mistake, printed as one line)."""
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         args.func(args)
     except UserError as error:
         print(f"lbva: error: {error}", file=sys.stderr)
@@ -123,5 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,8 +1,8 @@
 """Training on this machine: the worker every rank runs, and `lbva launch local`.
 
-Every way of launching ends in `run_worker`, once per rank: `lbva launch local` and
-slurm/pretrain.sbatch start the ranks with torchrun (`python -m lbva.launchers.cli worker ...`),
-`lbva launch slurm` calls it from its submitit task. `run_worker` makes any start of a job the
+Every way of launching ends in `run_worker`, once per rank: `lbva train` is it, and `lbva launch
+local` and slurm/pretrain.sbatch start the ranks with torchrun as `python -m lbva.launchers.cli train
+...`; `lbva launch slurm` calls it from its submitit task. `run_worker` makes any start of a job the
 continuation of its run: a run directory with a committed checkpoint resumes from the newest one
 (`checkpoint.resume` only decides how a fresh run begins: from scratch, or from the weights of an
 imported checkpoint), and a run already at its last step is not trained again, which is what a
@@ -25,6 +25,7 @@ from lbva.training.config import TrainConfig
 from lbva.training.distributed import world_from_env
 from lbva.errors import UserError
 
+from .preflight import check_before_launch
 from .signals import StopFlag, StopReason
 
 
@@ -92,18 +93,21 @@ def default_nproc() -> int:
     return max(torch.cuda.device_count(), 1)
 
 
-def launch_local(config_file: Path | None, overrides: list[str], nproc: int) -> None:
+def launch_local(config: TrainConfig, config_file: Path | None, overrides: list[str], nproc: int) -> None:
     """Become `torchrun --standalone` running `nproc` workers of the run on this machine.
 
+    `config` is what `config_file` and `overrides` load to; it is checked against `nproc` ranks
+    before torchrun starts, and each worker loads it again from the same file and overrides.
     The process is replaced (exec), not wrapped: Ctrl-C and SIGTERM then reach torchrun, which
     passes them to the workers, instead of a parent that would kill torchrun and orphan them.
     """
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
+    check_before_launch(config, nproc, f"{nproc} rank(s) on this machine")
     config_args = [f"--config={config_file}"] if config_file is not None else []
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
-        "-m", "lbva.launchers.cli", "worker", *config_args, *overrides,
+        "-m", "lbva.launchers.cli", "train", *config_args, *overrides,
     ]
     sys.stdout.flush()
     # torchrun's default SIGUSR2 action would end it and its workers without a checkpoint; ignored

@@ -14,7 +14,7 @@ next step boundary with a checkpoint (signals.StopFlag). Who requeues then:
   `checkpoint()` (inherited from `Checkpointable`: this same callable again, the training state
   being on disk already), stores that as the job's pickle, runs `scontrol requeue` and exits.
   submitit counts these requeues against `max_requeues`.
-- sbatch jobs (torchrun workers, `lbva launch worker`): rank 0 runs `scontrol requeue` itself
+- sbatch jobs (torchrun workers, `lbva train`): rank 0 runs `scontrol requeue` itself
   (`requeue_after_time_limit`). Rank 0 knows what the batch shell does not: whether the run
   stopped early or had just finished, so a finished run is never requeued.
 The requeued job starts again under the same id and resumes from the checkpoint.
@@ -45,6 +45,7 @@ from lbva.training.config import TrainConfig
 from lbva.errors import UserError
 
 from .local import WorkerOutcome, run_dir_of, run_worker
+from .preflight import check_before_launch
 from .signals import StopFlag, StopReason
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
@@ -61,6 +62,14 @@ class SlurmResources:
     signal_before_s: int = 300  # must cover one step plus one checkpoint
     max_requeues: int = 100  # time-limit requeues submitit allows before it lets the job end
     sbatch: dict[str, str] = field(default_factory=dict)  # further sbatch options: account, qos, ...
+
+    @property
+    def ranks_per_node(self) -> int:
+        return max(self.gpus_per_node, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
 
     def validate(self) -> None:
         if self.nodes < 1:
@@ -169,10 +178,13 @@ def requeue_after_time_limit(outcome: WorkerOutcome) -> None:
 
 def submit(config: TrainConfig, resources: SlurmResources, chain: int = 1) -> tuple[list[str], Path]:
     """Submit the run of `config` as `chain` jobs, each after the previous one ended; returns the
-    job ids and the folder of submitit's logs (run_dir/slurm)."""
+    job ids and the folder of submitit's logs (run_dir/slurm). A run whose layout does not fit
+    `resources`, or that has no data, is refused before anything is submitted."""
     resources.validate()
     if chain < 1:
         raise UserError(f"--chain must be >= 1, got {chain}")
+    check_before_launch(config, resources.world_size, f"{resources.nodes} node(s) x {resources.ranks_per_node} "
+                                                      f"rank(s) = {resources.world_size} ranks")
     folder = run_dir_of(config) / "slurm"
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=resources.max_requeues)
@@ -181,7 +193,7 @@ def submit(config: TrainConfig, resources: SlurmResources, chain: int = 1) -> tu
     executor.update_parameters(
         name=f"lbva-{config.run.name}",
         nodes=resources.nodes,
-        tasks_per_node=max(resources.gpus_per_node, 1),
+        tasks_per_node=resources.ranks_per_node,
         gpus_per_node=resources.gpus_per_node or None,
         timeout_min=resources.time_minutes,
         slurm_partition=resources.partition,

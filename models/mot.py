@@ -8,6 +8,12 @@ text (cross-attention); the action stream sees it through joint attention.
 Layout "shared" (the released checkpoint): the action tokens run through the same blocks as the
 video tokens; only the embedders, timestep embedders and output heads are per modality.
 
+The forward reads in three pieces: `embed` (tokens -> the first depth's DepthState), `run_depths`
+(each depth in turn), `heads` (the last state -> predictions). A pipeline stage
+(parallelism/pipeline.py) holds some of the parts under the same names and runs the same pieces.
+Which layout the streams follow is decided here, from `ModelConfig.dual_stream`: the parts
+`__init__` builds, the streams `embed` lays out and `heads` reads back, the depths `depths` lists.
+
 The model knows nothing of meshes or masks: the caller passes attention kernels (models/attention.py)
 built for the step's token layout, with video tokens first and action tokens after them.
 """
@@ -15,15 +21,21 @@ built for the step's token layout, with video tokens first and action tokens aft
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .attention import AttentionKernels
-from .blocks import TransformerBlock
+from .blocks import Depth, DepthState, TransformerBlock
 from .config import ModelConfig
 from .layers import ActionMLP, ConditionEmbedder, FP32LayerNorm
 from .rope import RotaryEmbedding3D
+
+# The parts outside the depths, by name: what the first pipeline stage holds, and the last.
+EMBEDDING_PARTS = ("patch_embedding_mlp", "action_embedder", "condition_embedder", "condition_embedder_action")
+HEAD_PARTS = ("proj_out", "action_proj_out", "scale_shift_table", "action_scale_shift_table", "head", "action_head")
 
 
 @dataclass
@@ -51,7 +63,78 @@ class OutputHead(nn.Module):
         return proj((self.norm_out(x) * (1 + scale) + shift).type_as(x))
 
 
-class LingBotVA(nn.Module):
+class TimestepEmbeddings(NamedTuple):
+    """The output heads' modulation input per modality (no depth reads it)."""
+
+    video: torch.Tensor  # [B, Lv, video width]
+    action: torch.Tensor  # [B, La, action width]
+
+
+class ModelPieces(nn.Module):
+    """The forward of LingBot-VA over parts held under the model's names: LingBotVA holds them all,
+    a pipeline stage the rope, a contiguous range of depths and, first / last, the embedders /
+    heads. `config` says which layout the parts follow."""
+
+    config: ModelConfig
+
+    def embed(self, inputs: ModelInputs) -> tuple[DepthState, TimestepEmbeddings]:
+        """Token inputs -> the state the first depth reads, and what the heads modulate with."""
+        x_video = self.patch_embedding_mlp(inputs.video_tokens)
+        x_action = self.action_embedder(inputs.action_tokens)
+        temb_video, proj_video = self.condition_embedder(inputs.video_timesteps)
+        temb_action, proj_action = self.condition_embedder_action(inputs.action_timesteps)
+        state = DepthState(
+            streams=self.streams_of(x_video, x_action),
+            timestep_proj=self.streams_of(proj_video, proj_action),
+            rope=self.stream_rope(inputs.video_positions, inputs.action_positions),
+            text=self.condition_embedder.text_embedder(inputs.text),
+        )
+        return state, TimestepEmbeddings(temb_video, temb_action)
+
+    def streams_of(self, video, action) -> tuple:
+        """Per-modality values (tensors [B, Lv, ...] and [B, La, ...], or tuples of them) -> per
+        stream: (video, action) in the MoT, one joint [video; action] in the shared layout."""
+        if self.config.dual_stream:
+            return video, action
+        return (tree_map(lambda v, a: torch.cat([v, a], dim=1), video, action),)
+
+    def stream_rope(self, video_positions: torch.Tensor, action_positions: torch.Tensor) -> tuple:
+        """Positions [B, Lv, 3] and [B, La, 3] -> the (cos, sin) tables of each stream."""
+        return self.streams_of(self.rope(video_positions), self.rope(action_positions))
+
+    def block_stacks(self) -> dict[str, nn.ModuleList]:
+        """The per-depth block lists held here, by name: "blocks" (the video stream's, or the
+        shared ones) and, in the MoT, "action_blocks"."""
+        if self.config.dual_stream:
+            return {"blocks": self.blocks, "action_blocks": self.action_blocks}
+        return {"blocks": self.blocks}
+
+    def depths(self) -> list[Depth]:
+        """The depths held here, in execution order (indices count from the first held): the video
+        block and the action block of a layer in the MoT, entered through the video block's
+        joint_forward; one shared block in the shared layout."""
+        method = "joint_forward" if self.config.dual_stream else "forward"
+        return [Depth(i, blocks, method) for i, blocks in enumerate(zip(*self.block_stacks().values()))]
+
+    def run_depths(self, state: DepthState, kernels: AttentionKernels) -> DepthState:
+        for depth in self.depths():
+            state = state.with_streams(depth(state, kernels))
+        return state
+
+    def heads(self, state: DepthState, temb: TimestepEmbeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last depth's state -> (video prediction [B, Lv, pt*ph*pw*C] patch-major, action
+        prediction [B, La, action_dim])."""
+        if self.config.dual_stream:
+            (x_video, x_action), action_table = state.streams, self.action_scale_shift_table
+        else:
+            (x,), action_table = state.streams, self.scale_shift_table  # one table for both heads
+            num_video = temb.video.shape[1]
+            x_video, x_action = x[:, :num_video], x[:, num_video:]
+        video_out = self.head(x_video, temb.video, self.scale_shift_table, self.proj_out)
+        return video_out, self.action_head(x_action, temb.action, action_table, self.action_proj_out)
+
+
+class LingBotVA(ModelPieces):
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()
@@ -66,7 +149,7 @@ class LingBotVA(nn.Module):
         self.proj_out = nn.Linear(d_video, config.video_token_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d_video) / d_video**0.5)
 
-        if config.layout == "mot":
+        if config.dual_stream:
             self.action_embedder = ActionMLP(config.action_dim, config.action_io_hidden, d_action)
             self.condition_embedder_action = ConditionEmbedder(d_action, config.freq_dim, text_dim=None)
             self.action_blocks = nn.ModuleList(
@@ -83,7 +166,7 @@ class LingBotVA(nn.Module):
             self.action_scale_shift_table = None
 
         self.head = OutputHead(d_video, config.eps)
-        self.action_head = OutputHead(d_action, config.eps) if config.layout == "mot" else self.head
+        self.action_head = OutputHead(d_action, config.eps) if config.dual_stream else self.head
         self.rope = RotaryEmbedding3D(config.head_dim, config.rope_theta)
 
     def _block(self, width: int, ffn_dim: int, text: bool) -> TransformerBlock:
@@ -92,38 +175,5 @@ class LingBotVA(nn.Module):
 
     def forward(self, inputs: ModelInputs, kernels: AttentionKernels) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (video prediction [B, Lv, pt*ph*pw*C] patch-major, action prediction [B, La, action_dim])."""
-        x_video = self.patch_embedding_mlp(inputs.video_tokens)
-        x_action = self.action_embedder(inputs.action_tokens)
-        temb_video, proj_video = self.condition_embedder(inputs.video_timesteps)
-        temb_action, proj_action = self.condition_embedder_action(inputs.action_timesteps)
-        text = self.condition_embedder.text_embedder(inputs.text)
-        rope_video = self.rope(inputs.video_positions)
-        rope_action = self.rope(inputs.action_positions)
-        x_video, x_action = run_depths(
-            self.blocks, self.action_blocks, x_video, x_action, proj_video, proj_action, rope_video, rope_action,
-            text, kernels,
-        )
-
-        video_out = self.head(x_video, temb_video, self.scale_shift_table, self.proj_out)
-        action_table = self.scale_shift_table if self.action_scale_shift_table is None else self.action_scale_shift_table
-        action_out = self.action_head(x_action, temb_action, action_table, self.action_proj_out)
-        return video_out, action_out
-
-
-def run_depths(blocks, action_blocks, x_video, x_action, proj_video, proj_action, rope_video, rope_action, text,
-               kernels: AttentionKernels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a contiguous range of depths (all of them, or a pipeline stage's). action_blocks None:
-    the shared backbone, one joint sequence through the same blocks; else one MoT depth per pair."""
-    if action_blocks is None:
-        num_video = x_video.shape[1]
-        x = torch.cat([x_video, x_action], dim=1)
-        proj = torch.cat([proj_video, proj_action], dim=1)
-        rope = tuple(torch.cat(pair, dim=1) for pair in zip(rope_video, rope_action))
-        for block in blocks:
-            x = block(x, proj, rope, text, kernels)
-        return x[:, :num_video], x[:, num_video:]
-    for video_block, action_block in zip(blocks, action_blocks):
-        x_video, x_action = video_block.joint_forward(
-            action_block, x_video, x_action, proj_video, proj_action, rope_video, rope_action, text, kernels
-        )
-    return x_video, x_action
+        state, temb = self.embed(inputs)
+        return self.heads(self.run_depths(state, kernels), temb)

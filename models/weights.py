@@ -104,7 +104,7 @@ def import_wan_video_stream(model: LingBotVA, path: Path) -> list[str]:
     if missing_video:
         raise WeightImportError(f"{folder}: video-stream tensors missing from the checkpoint: {missing_video[:5]}")
     model.load_state_dict(video_state, strict=False)
-    if model.config.layout == "shared":
+    if not model.config.dual_stream:
         model.condition_embedder_action.load_state_dict(model.condition_embedder.state_dict())
     else:
         init_action_stream_from_video(model)
@@ -139,7 +139,7 @@ def init_action_stream_from_video(model: LingBotVA) -> None:
     interpolated to the action shapes and scaled by sqrt(d_in_video / d_in_action) (= 2 for
     3072 -> 768 inputs). time_proj is resized per modulation chunk so shift/scale/gate rows never
     mix. The action encoder and decoder stay randomly initialised."""
-    if model.action_blocks is None:
+    if not model.config.dual_stream:
         raise ValueError("the shared layout has no separate action stream to initialise")
     with torch.no_grad():
         for video_block, action_block in zip(model.blocks, model.action_blocks):

@@ -1,6 +1,7 @@
 """Device mesh, FSDP2/HSDP, tensor + sequence parallel plans, Ulysses context parallel, pipeline
 stages, activation checkpointing, torch.compile and FP8, applied to a built model from outside.
 
-Lands with the parallelism issue; the model already takes its attention kernels as injected
-callables (models/attention.py), which is where Ulysses attention will plug in.
+It knows the model through its pieces (models/mot.py: embed, depths, heads; models/blocks.py:
+DepthState, Depth) and a step through the hooks of step_layout.py; it imports nothing of training,
+which hands it the batches and the loss function.
 """

@@ -12,7 +12,7 @@ from typing import Literal
 
 from torch.utils.checkpoint import checkpoint
 
-from .depths import Depth
+from lbva.models.blocks import Depth
 
 
 def _checkpointed(run: Callable) -> Callable:

@@ -20,7 +20,7 @@ every rank's parameter gradient is cp times its local contribution; FSDP's mean 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,11 +28,10 @@ import torch.distributed._functional_collectives as funcol
 
 from lbva.models.attention import AttentionKernel, AttentionKernels, Backend, build_kernels
 from lbva.models.masks import TokenLayout
-from lbva.models.mot import LingBotVA, ModelInputs
-from lbva.training.packing import PackedSequence
-from lbva.training.step import FlowMatchingObjective, FrameReduce, LossTargets, LossTerms, StepDraws
 
 from .mesh import ParallelMesh
+from .step_layout import FrameReduce, StepLayout
+
 
 @dataclass(frozen=True)
 class ContextParallel:
@@ -125,33 +124,6 @@ def ulysses_kernels(
     return AttentionKernels(ulysses_attention(full.self_attention, cp), full.cross_attention)
 
 
-def shard_inputs(inputs: ModelInputs, cp: ContextParallel) -> ModelInputs:
-    """This rank's tokens of both parts; the text stays whole."""
-    video, action = cp.shard(inputs.video_tokens.shape[1]), cp.shard(inputs.action_tokens.shape[1])
-    return ModelInputs(
-        video_tokens=inputs.video_tokens[:, video],
-        video_timesteps=inputs.video_timesteps[:, video],
-        video_positions=inputs.video_positions[:, video],
-        action_tokens=inputs.action_tokens[:, action],
-        action_timesteps=inputs.action_timesteps[:, action],
-        action_positions=inputs.action_positions[:, action],
-        text=inputs.text,
-    )
-
-
-def shard_targets(targets: LossTargets, cp: ContextParallel) -> LossTargets:
-    video, action = cp.shard(targets.video_role.shape[0]), cp.shard(targets.action_slot.shape[0])
-    return replace(
-        targets,
-        video_target=targets.video_target[video],
-        video_role=targets.video_role[video],
-        video_slot=targets.video_slot[video],
-        action_target=targets.action_target[action],
-        action_mask=targets.action_mask[action],
-        action_slot=targets.action_slot[action],
-    )
-
-
 def frame_reduce(cp: ContextParallel) -> FrameReduce:
     """Sum per-frame sums and counts over the cp group (functional all-reduce: differentiable, its
     backward all-reduces the gradients)."""
@@ -162,22 +134,11 @@ def frame_reduce(cp: ContextParallel) -> FrameReduce:
     return reduce
 
 
-class ContextParallelObjective:
-    """FlowMatchingObjective on a cp-sharded model: same draws, same loss terms on every cp rank
-    (the single-process values), each rank computing its share of the tokens."""
+def context_parallel_layout(cp: ContextParallel, backend: Backend) -> StepLayout:
+    """The step's hooks on a cp rank: Ulysses kernels, this rank's token shards, per-frame loss
+    sums completed over the cp group. Every cp rank gets the single-process loss terms."""
 
-    def __init__(self, objective: FlowMatchingObjective, cp: ContextParallel):
-        self.objective = objective
-        self.cp = cp
+    def kernels(layout: TokenLayout, text_sample: torch.Tensor, num_video: int) -> AttentionKernels:
+        return ulysses_kernels(layout, text_sample, num_video, cp, backend)
 
-    def draw(self, seq: PackedSequence, generator: torch.Generator) -> StepDraws:
-        return self.objective.draw(seq, generator)
-
-    def __call__(
-        self, model: LingBotVA, seq: PackedSequence, draws: StepDraws, backend: Backend, device: torch.device
-    ) -> LossTerms:
-        batch = self.objective.prepare(seq, draws, model.config.patch_size, device)
-        kernels = ulysses_kernels(batch.layout, batch.text_sample, batch.num_video, self.cp, backend)
-        video_pred, action_pred = model(shard_inputs(batch.inputs, self.cp), kernels)
-        targets = shard_targets(batch.targets, self.cp)
-        return self.objective.losses(targets, video_pred[0], action_pred[0], frame_reduce(self.cp))
+    return StepLayout(kernels, reduce_frames=frame_reduce(cp), token_shard=cp.shard)

@@ -68,6 +68,11 @@ class SequenceMix:
         """Real tokens of one sequence (video + action)."""
         return self.video_tokens + self.action_tokens
 
+    def video_stream_tokens(self, config: ModelConfig) -> int:
+        """Tokens through the video stream's blocks: the video tokens in the MoT, all of them in
+        the shared layout."""
+        return self.video_tokens if config.dual_stream else self.tokens
+
     @property
     def text_tokens_total(self) -> int:
         """Text tokens of one sequence: one text per window."""
@@ -167,13 +172,13 @@ def forward_flops(config: ModelConfig, mix: SequenceMix, attended_keys: float | 
     keys = mean_attended_keys(mix) if attended_keys is None else attended_keys
     nv, na, text = mix.video_tokens, mix.action_tokens, mix.text_tokens_total
     layers = c.num_layers
-    video_path = nv if c.layout == "mot" else nv + na
+    video_path = mix.video_stream_tokens(c)
 
     def timestep_embedder(width: int) -> int:  # sinusoid -> width -> width, then width -> 6 x width
         return c.freq_dim * width + width * width + width * 6 * width
 
     video_io = c.video_token_dim * d + timestep_embedder(d) + d * c.video_token_dim
-    if c.layout == "mot":
+    if c.dual_stream:
         w, g, h = c.action_width, c.action_ffn_dim, c.action_io_hidden
         action_blocks = 2 * layers * na * (4 * w * a + 2 * w * g)
         action_io = c.action_dim * h + h * w + timestep_embedder(w) + w * h + h * c.action_dim

@@ -12,9 +12,8 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from lbva.models.mot import LingBotVA
-
-from .depths import Depth
+from lbva.models.blocks import Depth
+from lbva.models.mot import ModelPieces
 
 
 def mixed_precision(device_type: str) -> MixedPrecisionPolicy:
@@ -28,7 +27,7 @@ def mixed_precision(device_type: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(cast_forward_inputs=False)
 
 
-def apply_fsdp(model: LingBotVA, fsdp_mesh: DeviceMesh, depths: list[Depth], device_type: str) -> None:
+def apply_fsdp(model: ModelPieces, fsdp_mesh: DeviceMesh, depths: list[Depth], device_type: str) -> None:
     """Shard parameters over fsdp_mesh (1-D: FSDP over dp_shard x cp; 2-D: HSDP, replicate x shard).
 
     The last depth keeps its parameters gathered after forward: backward starts with it.

@@ -4,8 +4,12 @@ the device mesh built from it (one 5-D DeviceMesh plus its flattened views).
 API (used by parallelize.py, context_parallel.py, pipeline.py, the trainer and the test harness):
 
     ParallelConfig                     the `[parallel]` config section (sizes + AC/compile switches)
+    validate_layout(config, world_size, model=ModelConfig, token_budget=, pad_multiple=)
+        -> ParallelDims                the one check of a run's `[parallel]` section, called by the
+                                       trainer and, against the allocation, by `lbva launch`
     ParallelDims.resolve(config, world_size, model=ModelConfig, token_budget=, pad_multiple=)
-        -> ParallelDims                validated sizes; raises UserError naming the numbers
+        -> ParallelDims                the mesh's part of it: any layout the mesh can build (the
+                                       plan and the parity harness also build interleaved stages)
     dims.dp_size, dims.tp_enabled / cp_enabled / pp_enabled / dp_enabled / fsdp_enabled
     dims.build_mesh(device_type) -> ParallelMesh   (needs the default process group)
         mesh.world   5-D DeviceMesh, dims MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp"),
@@ -162,6 +166,32 @@ class ParallelDims:
             dp_cp=dp_cp,
             fsdp=dp_cp._unflatten(0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp")),
         )
+
+
+def validate_layout(
+    config: ParallelConfig, world_size: int, *, model: ModelConfig, token_budget: int, pad_multiple: int
+) -> ParallelDims:
+    """Check a run's `[parallel]` section against its world size, model, token budget and pad
+    multiple: the mesh's rules (`ParallelDims.resolve`) plus what the trainer drives. Touches no
+    process group and no device, so a launcher calls it against the allocation before starting
+    anything. Returns the validated sizes; raises UserError naming the offending numbers."""
+    dims = ParallelDims.resolve(config, world_size, model=model, token_budget=token_budget, pad_multiple=pad_multiple)
+    if dims.pp_enabled and config.pp_virtual_stages > 1:
+        raise UserError(
+            f"parallel: pp_virtual_stages ({config.pp_virtual_stages}) > 1 with pp ({config.pp}): the trainer "
+            "drives one pipeline stage per rank (1F1B); interleaved stages are built and tested in "
+            "parallelism/pipeline.py only"
+        )
+    if not dims.pp_enabled and config.microbatches != 1:
+        raise UserError(
+            f"parallel: microbatches ({config.microbatches}) must be 1 without pipeline stages (pp {config.pp})"
+        )
+    if config.fp8 == "te" and dims.tp_enabled:
+        raise UserError(
+            f"parallel: fp8=te with tp ({config.tp}) > 1: TE layers hold plain local shards, which the DTensor "
+            "TP plan does not compose with; use parallel.fp8=torchao"
+        )
+    return dims
 
 
 @dataclass(frozen=True)

@@ -6,21 +6,28 @@ recomputes the compiled depth (its collectives included), and FSDP's unshard / r
 around all of it. torchtitan compiles the checkpointed block instead; torch 2.13 cannot compile a
 checkpointed depth whose inputs become DTensors (AOTAutograd saves a DeviceMesh for backward:
 "expected all tensors_saved_with_vc_check to be Tensors"), while checkpointing the compiled depth
-works and recomputes the same compiled code. Context parallelism needs no model change (Ulysses wraps the attention
-kernels, context_parallel.ContextParallelObjective); pipeline parallelism splits the parallelized
-model into stages (pipeline.py).
+works and recomputes the same compiled code. Context parallelism needs no model change: Ulysses
+wraps the attention kernels, one of the hooks of the step layout (`step_layout_for`,
+step_layout.py) through which the objective runs; pipeline parallelism splits the model into
+stages and parallelizes each (pipeline.py).
+
+The wrappers find the depths through the model's own `depths()` (models/blocks.py Depth): which
+blocks hold a depth's parameters and which one method runs it on the DepthState.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lbva.models.mot import LingBotVA
+from lbva.models.attention import Backend
+from lbva.models.blocks import Depth
+from lbva.models.mot import ModelPieces
 
 from .activation_checkpoint import apply_activation_checkpointing
-from .depths import Depth, model_depths
+from .context_parallel import ContextParallel, context_parallel_layout
 from .fsdp import apply_fsdp
 from .mesh import ParallelConfig, ParallelMesh
+from .step_layout import StepLayout, plain_layout
 from .tensor_parallel import apply_tensor_parallel
 
 
@@ -36,14 +43,14 @@ def apply_compile(depths: list[Depth]) -> None:
         depth.wrap(torch.compile)
 
 
-def parallelize(model: LingBotVA, mesh: ParallelMesh, config: ParallelConfig) -> LingBotVA:
+def parallelize(model: ModelPieces, mesh: ParallelMesh, config: ParallelConfig) -> ModelPieces:
     """Apply TP/SP, compile, activation checkpointing and FSDP/HSDP to `model` in place.
 
     model: built identically (same seed) on every rank, on the mesh's device.
     mesh: from ParallelDims.build_mesh. Returns the same model, ready for an optimizer.
     """
     dims = mesh.dims
-    depths = model_depths(model)
+    depths = model.depths()
     if dims.tp_enabled:
         apply_tensor_parallel(model, mesh["tp"], depths)
     if compile_enabled(config, mesh.device_type):
@@ -53,3 +60,12 @@ def parallelize(model: LingBotVA, mesh: ParallelMesh, config: ParallelConfig) ->
     if dims.fsdp_enabled:
         apply_fsdp(model, mesh.fsdp_mesh, depths, mesh.device_type)
     return model
+
+
+def step_layout_for(mesh: ParallelMesh | None, backend: Backend) -> StepLayout:
+    """How this rank runs a step's objective on `mesh` (None: one process): Ulysses context
+    parallelism when the mesh has cp > 1, the plain kernels otherwise. Tensor, data and pipeline
+    parallelism need no hooks of their own here: they live in the parallelized model."""
+    if mesh is None or not mesh.dims.cp_enabled:
+        return plain_layout(backend)
+    return context_parallel_layout(ContextParallel.from_mesh(mesh), backend)

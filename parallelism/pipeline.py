@@ -6,25 +6,32 @@ the output heads, and the loss runs on the last stage through the schedule's los
 virtual stages per rank, rank r holds stages r, r + pp, r + 2 pp, ... (the looped placement the
 interleaved 1F1B schedule expects); v = 1 runs plain 1F1B.
 
+A stage is built from the model's own pieces (models/mot.py ModelPieces): the first embeds, each
+runs its depths, the last applies the heads, all under the full model's parameter names.
+
 What crosses a stage boundary, per microbatch (one packed sequence):
-- activations (sent point-to-point, with gradients): both streams' hidden states, their per-token
-  timestep embeddings (the heads need temb, every block the 6-way modulation projection) and the
-  projected text; the projection parameters live on the first stage, so their outputs must travel.
+- activations (sent point-to-point, with gradients): the DepthState's tensors but the RoPE tables,
+  i.e. the residual streams, their timestep projections (every block's modulation input), the
+  heads' timestep embeddings and the projected text; the projection parameters live on the first
+  stage, so their outputs must travel.
 - per-token metadata (passed by the schedule to every stage as keyword arguments, chunked per
   microbatch, no communication): RoPE positions and the mask metadata. Each stage builds its own
-  attention kernels from it, so no mask object crosses ranks and a microbatch's mask exists only
-  while that microbatch is in flight; the price is one mask build per stage and microbatch, which
-  is elementwise work, small next to the attention it masks.
+  attention kernels from it with the step layout's kernel builder, so no mask object crosses ranks
+  and a microbatch's mask exists only while that microbatch is in flight; the price is one mask
+  build per stage and microbatch, which is elementwise work, small next to the attention it masks.
 Stages need one activation shape for every microbatch, so a step's sequences are padded to the
 longest video part, action part and text (padding is loss-neutral, `pad_step_batch`). The schedule
 fixes its activation shapes the first time it runs (by running the first microbatch once), so a
 step with other shapes builds new stages and a new schedule and pays that inference run again.
+The loss comes from the caller (training/step.py), taken on the last stage through the schedule's
+loss_fn with the step layout's frame reduction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,17 +40,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor, Replicate
 
-from lbva.models.attention import AttentionKernels, Backend, build_kernels
+from lbva.models.blocks import DepthState
 from lbva.models.masks import CLEAN, PADDING, TokenLayout
-from lbva.models.mot import LingBotVA, ModelInputs, run_depths
-from lbva.training.step import FlowMatchingObjective, LossTargets, LossTerms, StepBatch, no_reduce
+from lbva.models.mot import EMBEDDING_PARTS, HEAD_PARTS, LingBotVA, ModelInputs, ModelPieces, TimestepEmbeddings
 
-from .context_parallel import ContextParallel, frame_reduce, shard_inputs, shard_targets, ulysses_kernels
 from .mesh import ParallelConfig, ParallelMesh
 from .parallelize import parallelize
-
-# (full-sequence layout [1, L], text sample ids [1, T], video tokens in the full sequence) -> kernels
-KernelBuilder = Callable[[TokenLayout, torch.Tensor, int], AttentionKernels]
+from .step_layout import KernelBuilder, LossFn, StepLayout, TargetedBatch
 
 
 class DepthRange(nn.Module):
@@ -63,10 +66,10 @@ class DepthRange(nn.Module):
         return len(self._modules)
 
 
-class MoTStage(nn.Module):
+class MoTStage(ModelPieces):
     """Depths `layers` of LingBotVA (both streams), plus the embedders on the first stage and the
-    heads on the last, under the full model's names. It has the attributes the parallel wrappers
-    read (blocks, action_blocks, config), so `parallelize` applies to it as to the whole model."""
+    heads on the last, under the full model's names. It runs the model's own pieces and lists its
+    depths as the model does, so `parallelize` applies to it as to the whole model."""
 
     def __init__(self, model: LingBotVA, layers: range, first: bool, last: bool, kernels: KernelBuilder):
         super().__init__()
@@ -74,20 +77,10 @@ class MoTStage(nn.Module):
         self.first, self.last = first, last
         self.make_kernels = kernels
         self.rope = model.rope
-        if first:
-            self.patch_embedding_mlp = model.patch_embedding_mlp
-            self.action_embedder = model.action_embedder
-            self.condition_embedder = model.condition_embedder
-            self.condition_embedder_action = model.condition_embedder_action
-        self.blocks = DepthRange(model.blocks, layers)
-        self.action_blocks = None if model.action_blocks is None else DepthRange(model.action_blocks, layers)
-        if last:
-            self.proj_out = model.proj_out
-            self.action_proj_out = model.action_proj_out
-            self.scale_shift_table = model.scale_shift_table
-            self.action_scale_shift_table = model.action_scale_shift_table
-            self.head = model.head
-            self.action_head = model.action_head
+        for name in (EMBEDDING_PARTS if first else ()) + (HEAD_PARTS if last else ()):
+            setattr(self, name, getattr(model, name))
+        for name, blocks in model.block_stacks().items():
+            setattr(self, name, DepthRange(blocks, layers))
 
     def forward(
         self,
@@ -101,40 +94,41 @@ class MoTStage(nn.Module):
         text_sample: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """First stage: (video_tokens, video_timesteps, action_tokens, action_timesteps, text) as in
-        ModelInputs; later stages: the previous stage's outputs. Last stage returns the two
-        predictions, the others (x_video, x_action, temb_video, temb_action, proj_video,
-        proj_action, text). Keywords: this microbatch's positions and mask metadata."""
+        ModelInputs; later stages: the previous stage's outputs. The last stage returns the two
+        predictions, the others the state's tensors (`_boundary`). Keywords: this microbatch's
+        positions and mask metadata."""
         if self.first:
             video_tokens, video_timesteps, action_tokens, action_timesteps, text = activations
-            x_video = self.patch_embedding_mlp(video_tokens)
-            x_action = self.action_embedder(action_tokens)
-            temb_video, proj_video = self.condition_embedder(video_timesteps)
-            temb_action, proj_action = self.condition_embedder_action(action_timesteps)
-            text = self.condition_embedder.text_embedder(text)
+            state, temb = self.embed(ModelInputs(
+                video_tokens, video_timesteps, video_positions, action_tokens, action_timesteps, action_positions, text
+            ))
         else:
-            x_video, x_action, temb_video, temb_action, proj_video, proj_action, text = activations
+            state, temb = _received(activations, self.stream_rope(video_positions, action_positions))
 
         layout = TokenLayout(sample_id, chunk_id, role, int(window))
         # Under context parallelism positions are this rank's shard and the layout is the whole
         # sequence; both parts shard by the same factor.
         shards = layout.length // (video_positions.shape[1] + action_positions.shape[1])
-        kernels = self.make_kernels(layout, text_sample, video_positions.shape[1] * shards)
-        rope_video, rope_action = self.rope(video_positions), self.rope(action_positions)
-        x_video, x_action = run_depths(
-            self.blocks, self.action_blocks, x_video, x_action, proj_video, proj_action, rope_video, rope_action,
-            text, kernels,
-        )
-
-        if not self.last:
-            return x_video, x_action, temb_video, temb_action, proj_video, proj_action, text
-        video_out = self.head(x_video, temb_video, self.scale_shift_table, self.proj_out)
-        action_table = self.action_scale_shift_table
-        if action_table is None:  # the shared layout's heads share one table
-            action_table = self.scale_shift_table
-        return video_out, self.action_head(x_action, temb_action, action_table, self.action_proj_out)
+        state = self.run_depths(state, self.make_kernels(layout, text_sample, video_positions.shape[1] * shards))
+        return self.heads(state, temb) if self.last else _boundary(state, temb)
 
 
-def _pad(tensor: torch.Tensor, dim: int, length: int, value) -> torch.Tensor:
+def _boundary(state: DepthState, temb: TimestepEmbeddings) -> tuple[torch.Tensor, ...]:
+    """What a stage sends on: the state but its RoPE tables, which the next stage rebuilds, and
+    the heads' timestep embeddings."""
+    return (*state.streams, *state.timestep_proj, state.text, *temb)
+
+
+def _received(activations: tuple[torch.Tensor, ...], rope: tuple) -> tuple[DepthState, TimestepEmbeddings]:
+    """What a stage receives (`_boundary`'s tensors), with the RoPE tables of its streams."""
+    streams = len(rope)
+    *per_stream, text, temb_video, temb_action = activations
+    state = DepthState(tuple(per_stream[:streams]), tuple(per_stream[streams:]), rope, text)
+    return state, TimestepEmbeddings(temb_video, temb_action)
+
+
+def pad_along(tensor: torch.Tensor, dim: int, length: int, value) -> torch.Tensor:
+    """`tensor` extended along `dim` to `length` entries of `value`."""
     extra = length - tensor.shape[dim]
     if extra < 0:
         raise ValueError(f"cannot pad a dimension of {tensor.shape[dim]} down to {length}")
@@ -145,25 +139,30 @@ def _pad(tensor: torch.Tensor, dim: int, length: int, value) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_full(shape, value)], dim=dim)
 
 
-def pad_step_batch(batch: StepBatch, num_video: int, num_action: int, num_text: int) -> StepBatch:
+Batch = TypeVar("Batch", bound=TargetedBatch)
+
+
+def pad_step_batch(batch: Batch, num_video: int, num_action: int, num_text: int) -> Batch:
     """Extend the video part, the action part and the text with padding. Padding tokens see only
     themselves, no real token sees them or padded text, and they carry no loss, so the losses and
     gradients are those of the unpadded batch."""
-    lv, la = batch.num_video, batch.num_action
-    inputs, layout, targets = batch.inputs, batch.layout, batch.targets
+    inputs, layout = batch.inputs, batch.layout
+    lv = inputs.video_tokens.shape[1]
 
     def split_pad(tensor: torch.Tensor, value) -> torch.Tensor:
-        return torch.cat([_pad(tensor[:, :lv], 1, num_video, value), _pad(tensor[:, lv:], 1, num_action, value)], dim=1)
+        video, action = tensor[:, :lv], tensor[:, lv:]
+        return torch.cat([pad_along(video, 1, num_video, value), pad_along(action, 1, num_action, value)], dim=1)
 
-    return StepBatch(
+    return replace(
+        batch,
         inputs=ModelInputs(
-            video_tokens=_pad(inputs.video_tokens, 1, num_video, 0.0),
-            video_timesteps=_pad(inputs.video_timesteps, 1, num_video, 0.0),
-            video_positions=_pad(inputs.video_positions, 1, num_video, 0.0),
-            action_tokens=_pad(inputs.action_tokens, 1, num_action, 0.0),
-            action_timesteps=_pad(inputs.action_timesteps, 1, num_action, 0.0),
-            action_positions=_pad(inputs.action_positions, 1, num_action, 0.0),
-            text=_pad(inputs.text, 1, num_text, 0.0),
+            video_tokens=pad_along(inputs.video_tokens, 1, num_video, 0.0),
+            video_timesteps=pad_along(inputs.video_timesteps, 1, num_video, 0.0),
+            video_positions=pad_along(inputs.video_positions, 1, num_video, 0.0),
+            action_tokens=pad_along(inputs.action_tokens, 1, num_action, 0.0),
+            action_timesteps=pad_along(inputs.action_timesteps, 1, num_action, 0.0),
+            action_positions=pad_along(inputs.action_positions, 1, num_action, 0.0),
+            text=pad_along(inputs.text, 1, num_text, 0.0),
         ),
         layout=TokenLayout(
             sample_id=split_pad(layout.sample_id, PADDING),
@@ -171,16 +170,8 @@ def pad_step_batch(batch: StepBatch, num_video: int, num_action: int, num_text: 
             role=split_pad(layout.role, CLEAN),
             window=layout.window,
         ),
-        text_sample=_pad(batch.text_sample, 1, num_text, PADDING),
-        targets=replace(
-            targets,
-            video_target=_pad(targets.video_target, 0, num_video, 0.0),
-            video_role=_pad(targets.video_role, 0, num_video, CLEAN),
-            video_slot=_pad(targets.video_slot, 0, num_video, 0),
-            action_target=_pad(targets.action_target, 0, num_action, 0.0),
-            action_mask=_pad(targets.action_mask, 0, num_action, False),
-            action_slot=_pad(targets.action_slot, 0, num_action, 0),
-        ),
+        text_sample=pad_along(batch.text_sample, 1, num_text, PADDING),
+        targets=batch.targets.padded(num_video, num_action),
     )
 
 
@@ -193,43 +184,33 @@ def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
 
 
 def build_stages(
-    model: LingBotVA, pp_rank: int, pp_size: int, virtual_stages: int, backend: Backend,
-    cp: ContextParallel | None = None,
+    model: LingBotVA, pp_rank: int, pp_size: int, virtual_stages: int, kernels: KernelBuilder
 ) -> list[tuple[int, MoTStage]]:
     """This pp rank's stages as (stage index, module): ranks hold stages rank, rank + pp, ...
-    The modules share parameters with `model`; parallelize each before building the Pipeline."""
+    The modules share parameters with `model`; parallelize each before building the Pipeline.
+    kernels: the step layout's kernel builder, which every stage attends through."""
     num_stages = pp_size * virtual_stages
-
-    def plain(layout: TokenLayout, text_sample: torch.Tensor, num_video: int) -> AttentionKernels:
-        return build_kernels(layout, layout.sample_id, text_sample, backend)
-
-    def ulysses(layout: TokenLayout, text_sample: torch.Tensor, num_video: int) -> AttentionKernels:
-        return ulysses_kernels(layout, text_sample, num_video, cp, backend)
-
     stages = []
     for stage in range(pp_rank, num_stages, pp_size):
         layers = stage_layers(model.config.num_layers, num_stages, stage)
-        module = MoTStage(model, layers, stage == 0, stage == num_stages - 1, plain if cp is None else ulysses)
-        stages.append((stage, module))
+        stages.append((stage, MoTStage(model, layers, stage == 0, stage == num_stages - 1, kernels)))
     return stages
 
 
-def build_pipeline(
-    model: LingBotVA, mesh: ParallelMesh, config: ParallelConfig, objective: FlowMatchingObjective, backend: Backend
-) -> Pipeline:
+def build_pipeline(model: LingBotVA, mesh: ParallelMesh, config: ParallelConfig, layout: StepLayout) -> Pipeline:
     """Split `model` into this pp rank's stages, lay each out over the rest of the mesh with
     `parallelize` (TP, activation checkpointing, compile, FSDP; torchtitan's order: split first,
-    so each stage's FSDP root and TP boundaries are its own) and return the Pipeline that runs them.
-    Under cp > 1 the stages attend through Ulysses."""
+    so each stage's FSDP root and TP boundaries are its own) and return the Pipeline that runs them
+    under the step layout `layout` (parallelize.step_layout_for: under cp > 1 the stages attend
+    through Ulysses)."""
     dims = mesh.dims
-    cp = ContextParallel.from_mesh(mesh) if dims.cp_enabled else None
     pp_mesh = mesh["pp"]
-    stages = build_stages(model, pp_mesh.get_local_rank(), dims.pp, config.pp_virtual_stages, backend, cp)
+    stages = build_stages(model, pp_mesh.get_local_rank(), dims.pp, config.pp_virtual_stages, layout.kernels)
     for index, stage in stages:
         parallelize(stage, mesh, config)
         if dims.tp_enabled and index > 0:
             _receive_replicated(stage, mesh["tp"])
-    return Pipeline(stages, dims.pp * config.pp_virtual_stages, pp_mesh.get_group(), mesh.device_type, objective, cp)
+    return Pipeline(stages, dims.pp * config.pp_virtual_stages, pp_mesh.get_group(), mesh.device_type, layout)
 
 
 def _receive_replicated(stage: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -249,69 +230,61 @@ class Pipeline:
 
     def __init__(
         self,
-        stages: list[tuple[int, nn.Module]],
+        stages: list[tuple[int, MoTStage]],
         num_stages: int,
         group: dist.ProcessGroup,
         device: torch.device | str,
-        objective: FlowMatchingObjective,
-        cp: ContextParallel | None = None,
+        layout: StepLayout,
     ):
         self.stages = stages
         self.model_parts = [module for _, module in stages]
+        self.config = self.model_parts[0].config
         self.num_stages = num_stages
         self.group = group
         self.device = torch.device(device)
-        self.objective = objective
-        self.cp = cp
+        self.layout = layout
         self.holds_last_stage = any(index == num_stages - 1 for index, _ in stages)
         self._schedule = None
         self._schedule_key: tuple | None = None
 
-    def step(self, batches: list[StepBatch]) -> LossTerms | None:
-        """Forward and backward of every microbatch (one packed sequence each, as the objective's
-        prepare made them, whole even under cp); gradients accumulate as the mean over microbatches, as
-        the schedule's scale_grads divides by their number. Returns the microbatch mean of the
-        loss terms where the last stage lives, None elsewhere."""
+    def step(self, batches: Sequence[TargetedBatch], loss: LossFn) -> list | None:
+        """Forward and backward of every microbatch (one packed sequence each, whole even under
+        cp); gradients accumulate as the mean over microbatches, as the schedule's scale_grads
+        divides by their number. loss(targets, video_pred, action_pred, reduce_frames) -> terms
+        runs on the last stage. Returns each microbatch's terms, in microbatch order, where the
+        last stage lives; None elsewhere."""
         args, kwargs, targets = self._microbatch_inputs(batches)
         schedule = self._schedule_for(args, kwargs, len(batches))
-        terms_of: dict[int, LossTerms] = {}
+        terms_of: dict[int, object] = {}
         schedule.step(
             *args, target=torch.arange(len(batches)), return_outputs=False,
-            loss_kwargs={"targets": targets, "terms_of": terms_of}, **kwargs,
+            loss_kwargs={"targets": targets, "terms_of": terms_of, "loss": loss}, **kwargs,
         )
         if not self.holds_last_stage:
             return None
-        terms = list(terms_of.values())
-        fdm = [t.forward_dynamics for t in terms if t.forward_dynamics is not None]
-        return LossTerms(
-            total=torch.stack([t.total for t in terms]).mean(),
-            video=torch.stack([t.video for t in terms]).mean(),
-            action=torch.stack([t.action for t in terms]).mean(),
-            forward_dynamics=torch.stack(fdm).mean() if fdm else None,
-        )
+        return [terms_of[index] for index in sorted(terms_of)]
 
     def _loss(
-        self, output: tuple[torch.Tensor, torch.Tensor], microbatch: torch.Tensor, targets: list[LossTargets],
-        terms_of: dict[int, LossTerms],
+        self, output: tuple[torch.Tensor, torch.Tensor], microbatch: torch.Tensor, targets: list, terms_of: dict,
+        loss: LossFn,
     ) -> torch.Tensor:
         """The schedule's loss_fn: one microbatch's total loss; its terms go to terms_of, keyed by
         microbatch because the schedule also calls this while inferring gradient shapes."""
         video_pred, action_pred = output
         index = int(microbatch)
-        reduce = no_reduce if self.cp is None else frame_reduce(self.cp)
-        terms = self.objective.losses(targets[index], video_pred[0], action_pred[0], reduce)
-        terms_of[index] = LossTerms(*(None if t is None else t.detach() for t in vars(terms).values()))
+        terms = loss(targets[index], video_pred[0], action_pred[0], self.layout.reduce_frames)
+        terms_of[index] = terms
         return terms.total
 
-    def _microbatch_inputs(self, batches: list[StepBatch]) -> tuple[tuple, dict, list[LossTargets]]:
-        """Pad the microbatches to one shape, shard them under cp and stack them along the batch
-        dim, which the schedule splits back into microbatches."""
-        num_video = max(b.num_video for b in batches)
-        num_action = max(b.num_action for b in batches)
+    def _microbatch_inputs(self, batches: Sequence[TargetedBatch]) -> tuple[tuple, dict, list]:
+        """Pad the microbatches to one shape, take this rank's token shards (cp) and stack them
+        along the batch dim, which the schedule splits back into microbatches."""
+        num_video = max(b.inputs.video_tokens.shape[1] for b in batches)
+        num_action = max(b.inputs.action_tokens.shape[1] for b in batches)
         num_text = max(b.inputs.text.shape[1] for b in batches)
         padded = [pad_step_batch(b, num_video, num_action, num_text) for b in batches]
-        inputs = [b.inputs if self.cp is None else shard_inputs(b.inputs, self.cp) for b in padded]
-        targets = [b.targets if self.cp is None else shard_targets(b.targets, self.cp) for b in padded]
+        inputs = [self.layout.shard_inputs(b.inputs) for b in padded]
+        targets = [self.layout.shard_targets(b.targets) for b in padded]
 
         def stacked(get) -> torch.Tensor:
             return torch.cat([get(x) for x in inputs])

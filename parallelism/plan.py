@@ -161,10 +161,10 @@ def _stream_layer_bytes(width: int, ffn: int, config: ModelConfig, cross: bool, 
 def _layer_bytes(config: ModelConfig, workload: Workload, tp: int, cp: int, checkpointed: bool) -> float:
     """Bytes one layer keeps for backward for one micro-batch, per GPU."""
     mix, act = workload.mix, _act_bytes(workload)
-    video_path = mix.video_tokens if config.layout == "mot" else mix.tokens
+    video_path = mix.video_stream_tokens(config)
     split, gathered = _stream_layer_bytes(config.video_width, config.video_ffn_dim, config, True, act, checkpointed)
     total = video_path * (split / tp + gathered)
-    if config.layout == "mot":
+    if config.dual_stream:
         split, gathered = _stream_layer_bytes(
             config.action_width, config.action_ffn_dim, config, False, act, checkpointed
         )
@@ -199,9 +199,9 @@ def _outside_bytes(config: ModelConfig, workload: Workload) -> float:
         return embed + timestep + head + f32 * c.head_dim
 
     video = stream(c.video_width, c.video_token_dim, c.video_width)
-    action = stream(c.stream_width, c.action_dim, c.action_io_hidden if c.layout == "mot" else c.stream_width)
+    action = stream(c.stream_width, c.action_dim, c.action_io_hidden if c.dual_stream else c.stream_width)
     text = f32 * c.text_dim + act * 3 * c.video_width
-    video_path = mix.video_tokens if c.layout == "mot" else mix.tokens
+    video_path = mix.video_stream_tokens(c)
     masks = mix.tokens * mix.tokens + video_path * mix.text_tokens_total if workload.attention == "sdpa" else 0
     return mix.video_tokens * video + mix.action_tokens * action + mix.text_tokens_total * text + masks
 
@@ -314,12 +314,12 @@ def step_estimate(
 
     passes = 2 + recomputed  # forward, backward and the recomputed forwards
     tokens = mix.tokens / cp
-    video_path = mix.video_tokens if config.layout == "mot" else mix.tokens
+    video_path = mix.video_stream_tokens(config)
     tp_s = 0.0
     if tp > 1:
         bw = _bandwidth(cluster, 1, tp)
         region_bytes = 3 * video_path / cp * config.video_width * act
-        if config.layout == "mot":
+        if config.dual_stream:
             region_bytes += 2 * mix.action_tokens / cp * config.action_width * act
         tp_s = micro * stage_layers * passes * 2 * region_bytes * (tp - 1) / tp / bw
     exposed["tp"] = tp_s

@@ -24,6 +24,7 @@ activation-sized all-gather at every depth.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -41,9 +42,8 @@ from torch.distributed.tensor.parallel import (
 from torch.utils._pytree import tree_map
 
 from lbva.models.attention import AttentionKernel, AttentionKernels
-from lbva.models.mot import LingBotVA
-
-from .depths import Depth
+from lbva.models.blocks import Depth, DepthState
+from lbva.models.mot import ModelPieces
 
 SEQUENCE = Shard(1)  # [B, L, ...]
 HEADS = Shard(2)  # [B, L, H, D]
@@ -141,22 +141,20 @@ def _local_kernel(kernel: AttentionKernel, tp_mesh: DeviceMesh) -> AttentionKern
     return attend
 
 
-def _sequence_parallel_depth(depth: Depth, tp_mesh: DeviceMesh, last: bool) -> Callable[[Callable], Callable]:
+def _sequence_parallel_depth(tp_mesh: DeviceMesh, last: bool) -> Callable[[Callable], Callable]:
     def wrapper(run: Callable) -> Callable:
-        def run_sharded(*args):
-            args = list(args)
-            for i in depth.streams:
-                args[i] = _enter_stream(args[i], tp_mesh)
-            for i in depth.conditioning:
-                args[i] = _shard_sequence(_replicated(args[i], tp_mesh))
-            for i in depth.rope:
-                args[i] = tuple(_replicated(t, tp_mesh) for t in args[i])
-            args[depth.text] = _replicated(args[depth.text], tp_mesh)
-            kernels = args[depth.kernels]
-            args[depth.kernels] = AttentionKernels(
+        def run_sharded(state: DepthState, kernels: AttentionKernels, *blocks):
+            sharded = replace(
+                state,
+                streams=tuple(_enter_stream(x, tp_mesh) for x in state.streams),
+                timestep_proj=tuple(_shard_sequence(_replicated(p, tp_mesh)) for p in state.timestep_proj),
+                rope=tuple(tuple(_replicated(t, tp_mesh) for t in pair) for pair in state.rope),
+                text=_replicated(state.text, tp_mesh),
+            )
+            local = AttentionKernels(
                 _local_kernel(kernels.self_attention, tp_mesh), _local_kernel(kernels.cross_attention, tp_mesh)
             )
-            out = run(*args)
+            out = run(sharded, local, *blocks)
             if last:
                 return tree_map(lambda x: x.redistribute(tp_mesh, [Replicate()]), out)
             return tree_map(lambda x: x.to_local(), out)
@@ -166,7 +164,7 @@ def _sequence_parallel_depth(depth: Depth, tp_mesh: DeviceMesh, last: bool) -> C
     return wrapper
 
 
-def _replicate_outside_depths(model: LingBotVA, tp_mesh: DeviceMesh, depths: list[Depth]) -> None:
+def _replicate_outside_depths(model: ModelPieces, tp_mesh: DeviceMesh, depths: list[Depth]) -> None:
     """Every parameter outside the depths becomes a Replicate DTensor (the mesh of all other
     parameters, which FSDP, grad-norm clipping and checkpoints expect), and the modules holding
     them take plain inputs as Replicate DTensors, so backward never mixes the two either."""
@@ -187,18 +185,18 @@ def _replicated_input(x, tp_mesh: DeviceMesh):
     return x
 
 
-def _local_outputs(model: LingBotVA) -> None:
+def _local_outputs(model: ModelPieces) -> None:
     """Hand the loss plain predictions; every tp rank holds the same, full ones."""
     model.register_forward_hook(lambda _, __, out: tree_map(lambda x: x.to_local() if isinstance(x, DTensor) else x, out))
 
 
-def apply_tensor_parallel(model: LingBotVA, tp_mesh: DeviceMesh, depths: list[Depth]) -> None:
+def apply_tensor_parallel(model: ModelPieces, tp_mesh: DeviceMesh, depths: list[Depth]) -> None:
     """Shard every depth's linears over tp (heads / hidden units), run the depths sequence-parallel
     and the rest replicated. Needs num_heads and each stream's token count divisible by tp
     (ParallelDims.resolve checks both)."""
     for depth in depths:
         for block in depth.blocks:
             _parallelize_block(block, tp_mesh)
-        depth.wrap(_sequence_parallel_depth(depth, tp_mesh, last=depth.index == len(depths) - 1))
+        depth.wrap(_sequence_parallel_depth(tp_mesh, last=depth.index == len(depths) - 1))
     _replicate_outside_depths(model, tp_mesh, depths)
     _local_outputs(model)

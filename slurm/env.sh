@@ -25,7 +25,7 @@ if [ ${#LBVA_CONTAINER[@]} -eq 0 ] && [ -f "$lbva_repo/.venv/bin/activate" ]; th
 fi
 
 # ---- Paths -------------------------------------------------------------------------------------
-# Data and output folders are set in the run's config (data.dataset, run.output_dir); put them
+# Data and output folders are set in the run's config (data.prepared, run.output_dir); put them
 # on a filesystem every node sees. Caches and scratch:
 # export HF_HOME=/lustre/$USER/hf-cache          # VAE and text-encoder weights for data preparation
 # export WANDB_DIR=/lustre/$USER/wandb           # run.wandb=offline writes here; sync later

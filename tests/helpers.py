@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from lbva.training.samples import ACTION_DIM, EpisodeSample
+from lbva.models.action_space import ACTION_DIM
+from lbva.training.data.samples import EpisodeSample
 
 
 def random_sample(
@@ -24,3 +27,18 @@ def random_sample(
         action_mask=mask,
         text_emb=torch.randn(text_tokens, text_dim, generator=generator),
     )
+
+
+def prepared_demo(root: Path, *, num_episodes: int, frames_per_episode: int, image_size: int = 64, seed: int = 0,
+                  text_dim: int = 32) -> Path:
+    """A demo-world LeRobot dataset (source 'pusher', 20 fps, actions in slots 0 and 1) prepared at 10 fps
+    with the stand-in encoders: the prepared folder root/prepared, ready for data.prepared."""
+    from lbva.models.encoders import EncoderChoice
+    from lbva.training.data.demo_world import generate_demo_dataset
+    from lbva.training.data.prepare import PrepareConfig, prepare
+
+    lerobot = generate_demo_dataset(root / "pusher", num_episodes=num_episodes,
+                                    frames_per_episode=frames_per_episode, image_size=image_size, seed=seed)
+    prepare(PrepareConfig(src=lerobot, out=root / "prepared", action_channels=[0, 1], heights=[image_size],
+                          widths=[image_size], encoders=EncoderChoice("standin", standin_text_dim=text_dim)))
+    return root / "prepared"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-LBVA = [sys.executable, "-m", "lbva.training.cli"]
+LBVA = [sys.executable, "-m", "lbva.launchers.cli"]
 
 
 def run(*args, cwd=None):
@@ -47,8 +47,8 @@ def test_missing_config_file(tmp_path):
 
 
 def test_missing_dataset_path(tmp_path):
-    result = run("train", f"data.dataset={tmp_path / 'absent'}", f"run.output_dir={tmp_path / 'runs'}")
-    assert_one_line_error(result, "data.dataset", "absent")
+    result = run("train", f"data.prepared=['{tmp_path / 'absent'}']", f"run.output_dir={tmp_path / 'runs'}")
+    assert_one_line_error(result, "data.prepared", "absent")
 
 
 def test_preset_that_does_not_exist_in_the_config():
@@ -90,9 +90,17 @@ def test_fp8_on_a_machine_without_cuda(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    from lbva.training.demo_world import generate_demo_dataset
+    from helpers import prepared_demo
 
-    dataset = generate_demo_dataset(tmp_path / "d", num_episodes=1, frames_per_episode=21, image_size=64)
-    result = run("train", "model.preset=tiny-mot", f"data.dataset={dataset}", "data.action_channels=[0, 1]",
-                 f"run.output_dir={tmp_path}", "parallel.fp8=torchao")
+    dataset = prepared_demo(tmp_path / "d", num_episodes=1, frames_per_episode=21, image_size=64)
+    result = run("train", "model.preset=tiny-mot", f"data.prepared=['{dataset}']", f"run.output_dir={tmp_path}",
+                 "parallel.fp8=torchao")
     assert_one_line_error(result, "parallel.fp8=torchao", "CUDA")
+
+
+def test_export_offers_the_post_training_folder_and_the_inference_bundle(capsys):
+    from lbva.launchers.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "--help"])
+    assert "{post-training,inference}" in capsys.readouterr().out

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lbva.errors import UserError
-from lbva.training.standin_encoders import StandInTextEncoder, StandInVideoEncoder
+from lbva.models.standin_encoders import StandInTextEncoder, StandInVideoEncoder
 
 
 def random_video(frames=9, height=64, width=96, seed=0):

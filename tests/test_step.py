@@ -9,7 +9,7 @@ from lbva.models.masks import CLEAN, NOISY, PADDING
 from lbva.models.mot import LingBotVA
 from lbva.models.patching import input_to_output_order
 from lbva.training.config import ObjectiveConfig
-from lbva.training.packing import build_packed_sequence, cut_windows
+from lbva.training.data.packing import build_packed_sequence, cut_windows
 from lbva.training.step import FlowMatchingObjective
 
 CPU = torch.device("cpu")

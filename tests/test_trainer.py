@@ -1,4 +1,4 @@
-"""A single-process run end to end: generated LeRobot data -> stand-in encoders -> training."""
+"""A single-process run end to end: generated LeRobot data -> shards prepared with the stand-in encoders -> training."""
 
 import json
 
@@ -11,23 +11,22 @@ from lbva.models.config import get_preset
 from lbva.models.mot import LingBotVA
 from lbva.training.config import TrainConfig
 from lbva.training.config_io import load_config
-from lbva.training.demo_world import generate_demo_dataset
 from lbva.training.metrics import read_metrics
 from lbva.training.trainer import train
+
+from helpers import prepared_demo
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return generate_demo_dataset(
-        tmp_path_factory.mktemp("data") / "pusher", num_episodes=6, frames_per_episode=49, image_size=64, seed=0
-    )
+    return prepared_demo(tmp_path_factory.mktemp("data"), num_episodes=6, frames_per_episode=49, image_size=64, seed=0)
 
 
 def _config(dataset, out, *overrides):
     return load_config(
         TrainConfig,
         overrides=[
-            "model.preset=tiny-mot", f"data.dataset={dataset}", f"run.output_dir={out}", "data.action_channels=[0, 1]",
+            "model.preset=tiny-mot", f"data.prepared=['{dataset}']", f"run.output_dir={out}",
             "data.text_tokens=8", "data.window_frames=8", "data.token_budget=512", "data.pad_multiple=32",
             "optim.warmup_steps=2", *overrides,
         ],
@@ -51,7 +50,7 @@ def test_a_short_run_writes_its_artifacts(dataset, tmp_path):
     model = LingBotVA(get_preset("tiny-mot"))
     model.load_state_dict(load_file(run_dir / "model.safetensors"))
     stats = json.loads((run_dir / "data_stats.json").read_text())
-    assert len(stats[str(dataset)]["q01"]) == 30
+    assert len(stats[str(dataset)]["sources"]["pusher"]["stats"]["q01"]) == 30
 
 
 def test_training_reduces_the_evaluation_loss(dataset, tmp_path):
@@ -75,12 +74,7 @@ def test_the_shared_layout_trains_through_the_same_loop(dataset, tmp_path):
 
 
 def test_a_run_trains_from_prepared_shards(dataset, tmp_path):
-    from lbva.training.data.encoders import EncoderChoice
-    from lbva.training.data.prepare import PrepareConfig, prepare
-
-    prepared = tmp_path / "prepared"
-    prepare(PrepareConfig(src=dataset, out=prepared, action_channels=[0, 1], heights=[64], widths=[64],
-                          encoders=EncoderChoice("standin", standin_text_dim=32)))
+    prepared = dataset
     config = load_config(TrainConfig, overrides=[
         "model.preset=tiny-mot", f"data.prepared=['{prepared}']", f"run.output_dir={tmp_path}", "data.text_tokens=8",
         "data.window_frames=8", "data.token_budget=512", "data.pad_multiple=32", "run.steps=3", "run.log_every=1",

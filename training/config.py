@@ -58,12 +58,7 @@ class DataSection:
     source_weights: list[str] = field(default_factory=list)
     on_error: Literal["skip", "fail"] = "skip"  # bad samples: log, count and skip, or stop
     num_workers: int = 0  # DataLoader workers reading and packing shards
-    # Alternatively, a LeRobot v2.x/v3.0 folder encoded in-process with the light stand-in encoders
-    # (quick experiments; no shards). Ignored when `prepared` is set.
-    dataset: Path | None = None
-    target_fps: int = 10
-    # Slot in the 30-d action layout of each dataset action dimension (spec 2.1).
-    action_channels: list[int] = field(default_factory=list)
+    target_fps: int = 10  # the frame rate `lbva demo` prepares its dataset at
     text_tokens: int = 512
     window_frames: int = 64
     token_budget: int = 10240  # the paper packs up to 10K tokens per sequence
@@ -88,8 +83,6 @@ class DataSection:
         self.weights()
         if self.num_workers < 0:
             raise UserError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if not all(0 <= c < 30 for c in self.action_channels) or len(set(self.action_channels)) != len(self.action_channels):
-            raise UserError(f"data.action_channels must be distinct slots in 0..29, got {self.action_channels}")
         for name in ("target_fps", "text_tokens", "window_frames", "token_budget", "pad_multiple"):
             if getattr(self, name) < 1:
                 raise UserError(f"data.{name} must be >= 1, got {getattr(self, name)}")

@@ -12,14 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
+
+from lbva.models.encoders import EncoderChoice
 
 from .config import TrainConfig
 from .config_io import dump_toml
-from .data.encoders import EncoderChoice
+from .data.demo_world import GOAL_DIRECTIONS, generate_demo_dataset, simulate_episode
 from .data.prepare import PrepareConfig, prepare
 from .data.tiny_models import write_tiny_umt5, write_tiny_wan_vae
-from .demo_world import GOAL_DIRECTIONS, generate_demo_dataset
 from lbva.errors import UserError
 from .metrics import read_metrics
 from .trainer import train
@@ -35,7 +37,7 @@ def prepare_demo_data(config: TrainConfig, root: Path, episodes: int, frames: in
         console.print(f"generating the pushing world: {episodes} episodes -> {lerobot}")
         generate_demo_dataset(lerobot, num_episodes=episodes, frames_per_episode=frames, seed=0)
     if not (vae / "config.json").exists():
-        write_tiny_wan_vae(vae)
+        write_tiny_wan_vae(vae, calibration_clips=calibration_clips(frames))
     if not (umt5 / "config.json").exists():
         write_tiny_umt5(umt5, DEMO_WORDS + list(GOAL_DIRECTIONS), d_model=32)
     if not (prepared / "card.json").exists():
@@ -45,6 +47,14 @@ def prepare_demo_data(config: TrainConfig, root: Path, episodes: int, frames: in
             heights=[128], widths=[128], encoders=EncoderChoice("real", vae=vae, text_encoder=umt5), workers=2,
         ))
         console.print(f"prepared {report.samples_written} samples in {report.shards_written} shard(s)")
+
+
+def calibration_clips(frames: int, count: int = 8) -> list[np.ndarray]:
+    """Clips of the pushing world (episodes of their own seed, not the dataset's) on which the tiny
+    VAE's latent statistics are computed: 1 + 4k frames each, at most `frames`."""
+    rng = np.random.default_rng(12345)
+    length = 1 + 4 * ((min(frames, 33) - 1) // 4)
+    return [simulate_episode(rng, length).frames for _ in range(count)]
 
 
 def world_size_of(config: TrainConfig) -> int:
@@ -67,7 +77,7 @@ def run_demo(config: TrainConfig, episodes: int, frames: int, console: Console |
     dump_toml(config, launch_config)
     console.print(f"launching {nproc} processes: torchrun --standalone --nproc-per-node {nproc} lbva train")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "lbva.training.cli", "train", "--config", str(launch_config)]
+               "-m", "lbva.launchers.cli", "train", "--config", str(launch_config)]
     if subprocess.run(command).returncode != 0:
         raise UserError(f"the demo's training processes failed; see the output above and {run_dir}")
     return {r["step"]: r["loss_eval"] for r in read_metrics(run_dir / "metrics.jsonl")}

@@ -1,4 +1,5 @@
-"""Process-group set-up from what torchrun (or Slurm through torchrun) puts in the environment."""
+"""Process-group set-up from what torchrun (or Slurm through torchrun) puts in the environment:
+the device, the validated layout, the process group and the mesh of this process."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from lbva.errors import UserError
+from lbva.models.config import get_preset
+from lbva.parallelism.mesh import MESH_DIMS, ParallelDims, ParallelMesh, validate_layout
+
+from .config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -72,3 +79,63 @@ def mean_over(value: float, group, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, group=group)
     return float(tensor) / dist.get_world_size(group)
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    """run.device: "auto" (this rank's GPU when there is one), "cuda" or "cpu"."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device is 'cuda' but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", local_rank) if choice == "cuda" else torch.device("cpu")
+
+
+@dataclass
+class Processes:
+    """This process's place in the run: its device, the validated layout and (when there is more
+    than one process) the device mesh."""
+
+    world: WorldInfo
+    device: torch.device
+    dims: ParallelDims
+    mesh: ParallelMesh | None
+
+    @property
+    def logging_rank(self) -> bool:
+        return self.mesh is None or self.mesh.is_logging_rank
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.dp_rank if self.mesh is not None else 0
+
+    @property
+    def dp_group(self):
+        return self.mesh.dp.get_group() if self.mesh is not None and self.dims.dp_enabled else None
+
+    @property
+    def pp_group(self):
+        return self.mesh["pp"].get_group() if self.mesh is not None and self.dims.pp_enabled else None
+
+    def describe(self) -> str:
+        """"N process(es)" and the dims above 1, e.g. "4 process(es), dp_shard 2 x tp 2"."""
+        layout = " x ".join(f"{name} {getattr(self.dims, name)}" for name in MESH_DIMS if getattr(self.dims, name) > 1)
+        return f"{self.world.world_size} process(es){', ' + layout if layout else ''}"
+
+    def close(self) -> None:
+        """Wait for every rank, then end the process group (a no-op for one process)."""
+        if self.world.distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def start_processes(config: TrainConfig) -> Processes:
+    """Validate config.parallel against the world torchrun started, join the process group and
+    build the mesh. The layout is checked before any group exists, so a bad one fails fast."""
+    world = world_from_env()
+    device = resolve_device(config.run.device, world.local_rank)
+    dims = validate_layout(
+        config.parallel, world.world_size, model=get_preset(config.model.preset),
+        token_budget=config.data.token_budget, pad_multiple=config.data.pad_multiple,
+    )
+    init_distributed(world, device)
+    return Processes(world, device, dims, dims.build_mesh(device.type) if world.distributed else None)

@@ -1,21 +1,28 @@
 """One training step's objective: draw the step's randomness, noise the packed sequence, build
-the attention kernels for its layout, run the model and compute the loss terms (spec 2.3, 3)."""
+the attention kernels for its layout, run the model and compute the loss terms (spec 2.3, 3).
+
+`run_objective` is that sequence, once, for every parallel layout: a layout changes it only
+through its hooks (parallelism/step_layout.py StepLayout: kernels, token shards, frame-sum
+reduction), and a pipeline runs the model part of it in its schedule with the loss it is handed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
-from lbva.models.attention import Backend, build_kernels
+from lbva.models.attention import Backend
+from lbva.models.flow_schedule import FlowMatchGrid, add_noise, velocity_target
 from lbva.models.masks import CLEAN, NOISY, NOISY_FDM, PADDING, TokenLayout
 from lbva.models.mot import LingBotVA, ModelInputs
 from lbva.models.patching import input_to_output_order
+from lbva.parallelism.pipeline import Pipeline, pad_along
+from lbva.parallelism.step_layout import FrameReduce, StepLayout, no_reduce, plain_layout
 
 from .config import ObjectiveConfig
-from .objectives import FlowMatchGrid, add_noise, per_frame_sums, velocity_target, weighted_frame_mean
-from .packing import PackedSequence
+from .data.packing import PackedSequence
+from .objectives import per_frame_sums, weighted_frame_mean
 
 
 @dataclass
@@ -40,6 +47,17 @@ class LossTerms:
     forward_dynamics: torch.Tensor | None
 
 
+def mean_terms(terms: Sequence[LossTerms]) -> LossTerms:
+    """Each term's mean over microbatches, detached (a pipeline's schedule ran backward already)."""
+    fdm = [t.forward_dynamics.detach() for t in terms if t.forward_dynamics is not None]
+    return LossTerms(
+        total=torch.stack([t.total.detach() for t in terms]).mean(),
+        video=torch.stack([t.video.detach() for t in terms]).mean(),
+        action=torch.stack([t.action.detach() for t in terms]).mean(),
+        forward_dynamics=torch.stack(fdm).mean() if fdm else None,
+    )
+
+
 @dataclass
 class LossTargets:
     """Per-token loss inputs in the order of the model's outputs (dim 0 shards like the tokens)."""
@@ -53,6 +71,39 @@ class LossTargets:
     video_weight: torch.Tensor  # [G] loss weight of each frame slot's drawn noise level
     action_weight: torch.Tensor  # [G]
     forward_dynamics: bool  # whether the whole sequence holds forward-dynamics copies
+
+    @property
+    def num_video(self) -> int:
+        return self.video_role.shape[0]
+
+    @property
+    def num_action(self) -> int:
+        return self.action_slot.shape[0]
+
+    def rows(self, video: slice, action: slice) -> LossTargets:
+        """The targets of the video tokens `video` and the action tokens `action` (a cp shard)."""
+        return replace(
+            self,
+            video_target=self.video_target[video],
+            video_role=self.video_role[video],
+            video_slot=self.video_slot[video],
+            action_target=self.action_target[action],
+            action_mask=self.action_mask[action],
+            action_slot=self.action_slot[action],
+        )
+
+    def padded(self, num_video: int, num_action: int) -> LossTargets:
+        """The targets with loss-free padding rows up to num_video and num_action tokens: clean
+        video (no video term reads it) and unsupervised actions."""
+        return replace(
+            self,
+            video_target=pad_along(self.video_target, 0, num_video, 0.0),
+            video_role=pad_along(self.video_role, 0, num_video, CLEAN),
+            video_slot=pad_along(self.video_slot, 0, num_video, 0),
+            action_target=pad_along(self.action_target, 0, num_action, 0.0),
+            action_mask=pad_along(self.action_mask, 0, num_action, False),
+            action_slot=pad_along(self.action_slot, 0, num_action, 0),
+        )
 
 
 @dataclass
@@ -71,15 +122,6 @@ class StepBatch:
     @property
     def num_action(self) -> int:
         return self.inputs.action_tokens.shape[1]
-
-
-# (per-frame sums [G], per-frame counts [G]) -> the same over every rank holding part of the frames
-FrameReduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def no_reduce(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The FrameReduce of a rank that holds every token of its sequence."""
-    return sums, counts
 
 
 def _randint(low: int, high: int, generator: torch.Generator) -> int:
@@ -114,16 +156,14 @@ class FlowMatchingObjective:
     def __call__(
         self, model: LingBotVA, seq: PackedSequence, draws: StepDraws, backend: Backend, device: torch.device
     ) -> LossTerms:
-        batch = self.prepare(seq, draws, model.config.patch_size, device)
-        kernels = build_kernels(batch.layout, batch.layout.sample_id, batch.text_sample, backend)
-        video_pred, action_pred = model(batch.inputs, kernels)
-        return self.losses(batch.targets, video_pred[0], action_pred[0])
+        """The loss terms of `seq` through a model that holds every token (run_objective)."""
+        return run_objective(self, model, [(seq, draws)], plain_layout(backend), device)
 
     def prepare(
         self, seq: PackedSequence, draws: StepDraws, patch: tuple[int, int, int], device: torch.device
     ) -> StepBatch:
         """Everything before the model call: noised inputs, the mask metadata, the loss targets.
-        Parallel layouts shard (context parallel) or split into microbatches (pipeline) this."""
+        Parallel layouts shard (context parallel) or pad into microbatches (pipeline) this."""
         s = {name: getattr(seq, name).to(device) for name in _TENSOR_FIELDS}
         _, video_t, video_in = self._noised_video(s, draws, device)
         _, action_t, action_in = self._noised_actions(s, draws, device)
@@ -213,3 +253,32 @@ _TENSOR_FIELDS = (
     "video_x0", "video_sample", "video_frame", "video_slot", "video_role", "video_positions",
     "action_x0", "action_channels", "action_supervised", "action_sample", "action_frame", "action_slot", "action_role", "action_positions",
 )
+
+
+def run_objective(
+    objective: FlowMatchingObjective,
+    model: LingBotVA | Pipeline,
+    sequences: Sequence[tuple[PackedSequence, StepDraws]],
+    layout: StepLayout,
+    device: torch.device,
+) -> LossTerms | None:
+    """One step's objective on any layout: prepare each sequence's batch, build its kernels, run
+    the model on this rank's tokens, take the losses.
+
+    model: the (parallelized) model, which takes one sequence per step, under `layout`
+    (parallelism/parallelize.py step_layout_for); or this rank's Pipeline, which takes a
+    microbatch per sequence and runs them under the layout it was built with (pass its `layout`):
+    its stages build the kernels, its schedule runs backward and takes the losses on the last
+    stage. Returns the loss terms (their microbatch mean, detached, from a pipeline), or None on a
+    pipeline rank without the last stage.
+    """
+    batches = [objective.prepare(seq, draws, model.config.patch_size, device) for seq, draws in sequences]
+    if isinstance(model, Pipeline):
+        terms = model.step(batches, objective.losses)
+        return None if terms is None else mean_terms(terms)
+    if len(batches) != 1:
+        raise ValueError(f"a model without pipeline stages trains one sequence per step, got {len(batches)}")
+    batch = batches[0]
+    kernels = layout.kernels(batch.layout, batch.text_sample, batch.num_video)
+    video_pred, action_pred = model(layout.shard_inputs(batch.inputs), kernels)
+    return objective.losses(layout.shard_targets(batch.targets), video_pred[0], action_pred[0], layout.reduce_frames)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from lbva.checkpoints_tools.manager import committed_steps
-from lbva.training.data.encoders import EncoderChoice
+from lbva.models.encoders import EncoderChoice
+from lbva.training.data.demo_world import generate_demo_dataset
 from lbva.training.data.prepare import PrepareConfig, prepare
-from lbva.training.demo_world import generate_demo_dataset
 from lbva.training.metrics import read_metrics
-from lbva.training.trainer import read_ledger
+from lbva.training.ledger import read_ledger
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -49,7 +49,7 @@ def _free_port() -> int:
 
 def _torchrun(nproc, overrides, *launcher_args, wait=True):
     command = [*TORCHRUN, "--nnodes", "1", "--nproc-per-node", str(nproc), *launcher_args,
-               "-m", "lbva.training.cli", "train", *overrides]
+               "-m", "lbva.launchers.cli", "train", *overrides]
     if "--rdzv-endpoint" not in launcher_args:
         command[3:3] = ["--standalone"]
     if not wait:

@@ -75,20 +75,21 @@ def test_import_of_a_tiny_wan_model_equals_the_model_built_from_it(tmp_path):
     checkpoint = import_checkpoint(tmp_path / "wan", tmp_path / "ckpt", "wan", "tiny-mot")
     imported = load_model(checkpoint)
     assert torch.equal(imported.blocks[1].ffn.net[2].weight, wan.blocks[1].ffn.net[2].weight)
-    assert torch.equal(imported.patch_embedding_mlp.weight, wan.patch_embedding.weight.reshape(64, -1))
+    assert torch.equal(imported.patch_embedding_mlp.weight, wan.patch_embedding.weight.reshape(imported.config.video_width, -1))
 
 
 def test_a_run_starts_from_an_imported_checkpoint(tmp_path):
     from lbva.training.config import TrainConfig
     from lbva.training.config_io import load_config
-    from lbva.training.demo_world import generate_demo_dataset
     from lbva.training.trainer import train
 
-    dataset = generate_demo_dataset(tmp_path / "data", num_episodes=2, frames_per_episode=41, image_size=64)
+    from helpers import prepared_demo
+
+    dataset = prepared_demo(tmp_path / "data", num_episodes=2, frames_per_episode=41, image_size=64)
     model = LingBotVA(get_preset("tiny-mot"))
     checkpoint = write_weights_checkpoint(model, tmp_path / "ckpt", "tiny-mot", "test")
     config = load_config(TrainConfig, overrides=[
-        "model.preset=tiny-mot", f"data.dataset={dataset}", f"run.output_dir={tmp_path}", "data.action_channels=[0, 1]",
+        "model.preset=tiny-mot", f"data.prepared=['{dataset}']", f"run.output_dir={tmp_path}",
         "data.text_tokens=8", "data.window_frames=4", "data.token_budget=256", "data.pad_multiple=32",
         "run.steps=1", f"checkpoint.resume={checkpoint}", "optim.lr=1e-12", "optim.warmup_steps=0",
     ])

@@ -6,26 +6,25 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from lbva.checkpoints_tools.manager import committed_steps
+from lbva.errors import UserError
 from lbva.training.config import TrainConfig
 from lbva.training.config_io import load_config
-from lbva.training.demo_world import generate_demo_dataset
-from lbva.errors import UserError
 from lbva.training.metrics import read_metrics
 from lbva.training.trainer import train
+
+from helpers import prepared_demo
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return generate_demo_dataset(
-        tmp_path_factory.mktemp("data") / "pusher", num_episodes=4, frames_per_episode=41, image_size=64, seed=1
-    )
+    return prepared_demo(tmp_path_factory.mktemp("data"), num_episodes=4, frames_per_episode=41, image_size=64, seed=1)
 
 
 def _config(dataset, out, *overrides):
     return load_config(
         TrainConfig,
         overrides=[
-            "model.preset=tiny-mot", f"data.dataset={dataset}", f"run.output_dir={out}", "data.action_channels=[0, 1]",
+            "model.preset=tiny-mot", f"data.prepared=['{dataset}']", f"run.output_dir={out}",
             "data.text_tokens=8", "data.window_frames=4", "data.token_budget=256", "data.pad_multiple=32",
             "optim.warmup_steps=2", "run.log_every=1", "checkpoint.async_save=true", *overrides,
         ],

@@ -14,11 +14,11 @@ import pytest
 import torch
 import webdataset as wds
 
-from lbva.training.data.encoders import EncoderChoice
+from lbva.models.encoders import EncoderChoice
+from lbva.training.data.demo_world import generate_demo_dataset, simulate_episode, write_mp4
 from lbva.training.data.format import decode_members
-from lbva.training.data.tiny_models import write_tiny_umt5, write_tiny_wan_vae
 from lbva.training.data.prepare import PrepareConfig, PrepareReport, prepare
-from lbva.training.demo_world import generate_demo_dataset, simulate_episode, write_mp4
+from lbva.training.data.tiny_models import write_tiny_umt5, write_tiny_wan_vae
 
 FPS = 20
 SIZE = 64

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lbva.training.demo_world import write_mp4
 from lbva.errors import UserError
-from lbva.training.lerobot_v21 import LeRobotDataset, Segment
+from lbva.training.data.demo_world import write_mp4
+from lbva.training.data.lerobot import LeRobotDataset, Segment
 
 HEAD, LEFT = "observation.images.cam_high", "observation.images.cam_left_wrist"
 LENGTHS = (21, 25, 21, 17, 21)

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lbva.training.data.cli import register
-from lbva.training.demo_world import simulate_episode, write_mp4
 from lbva.errors import UserError
-from lbva.training.lerobot_v21 import LeRobotDataset
+from lbva.training.data.cli import register
+from lbva.training.data.demo_world import simulate_episode, write_mp4
+from lbva.training.data.lerobot import LeRobotDataset
 
 CAMERA = "observation.images.top"
 
@@ -99,7 +99,7 @@ def test_unknown_camera_is_refused(v21_dataset, tmp_path, run_standin):
 def run_cli(*argv):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    args = parser.parse_args(["prepare", *map(str, argv)])
+    args = parser.parse_args(["data", "prepare", *map(str, argv)])
     args.func(args)
 
 

@@ -8,11 +8,11 @@ import torch
 import webdataset as wds
 from safetensors.torch import load_file
 
-from lbva.training.data.format import EMPTY_TEXT_ID, FORMAT_VERSION, text_id
 from lbva.errors import UserError
-from lbva.training.lerobot_v21 import LeRobotDataset
-from lbva.training.samples import ACTION_DIM
-from lbva.training.standin_encoders import StandInTextEncoder, StandInVideoEncoder
+from lbva.models.action_space import ACTION_DIM
+from lbva.models.standin_encoders import StandInTextEncoder, StandInVideoEncoder
+from lbva.training.data.format import EMPTY_TEXT_ID, FORMAT_VERSION, text_id
+from lbva.training.data.lerobot import LeRobotDataset
 
 CHANNELS = [3, 28]  # the demo's (dx, dy) put into two arbitrary slots of the 30-d layout
 KEYS = ["demo__e000000__s000", "demo__e000001__s000", "demo__e000001__s001", "demo__e000002__s000",

@@ -71,7 +71,7 @@ def test_killed_process_leaves_only_a_tmp_file_and_the_rerun_completes(v21_datas
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from lbva.training.data.encoders import EncoderChoice
+        from lbva.models.encoders import EncoderChoice
         from lbva.training.data.episode_encoder import EpisodeEncoder
         from lbva.training.data.prepare import PrepareConfig, prepare
 

@@ -35,5 +35,5 @@ def test_task_defaults_come_from_the_slurm_array(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    args = parser.parse_args(["prepare", "src", "out"])
+    args = parser.parse_args(["data", "prepare", "src", "out"])
     assert (args.task_id, args.num_tasks) == (2, 4)

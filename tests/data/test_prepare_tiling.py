@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from lbva.training.data.tiling import make_tiling, resize_frames
 from lbva.errors import UserError
-from lbva.training.lerobot_v21 import LeRobotDataset
-from lbva.training.standin_encoders import StandInVideoEncoder
+from lbva.models.standin_encoders import StandInVideoEncoder
+from lbva.models.tiling import make_tiling, resize_frames
+from lbva.training.data.lerobot import LeRobotDataset
 
 CAMERAS = ["observation.images.cam_high", "observation.images.cam_left_wrist", "observation.images.cam_right_wrist"]
 

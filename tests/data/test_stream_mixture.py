@@ -5,10 +5,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from lbva.errors import UserError
+from lbva.training.data.packing import TokenCost
 from lbva.training.data.plan import PlanCost
 from lbva.training.data.reader import SampleReader
-from lbva.errors import UserError
-from lbva.training.packing import TokenCost
 from stream_fixtures import CHANNELS, PATCH, TEXT_TOKENS, episode_frames, make_loader, make_stream, take, write_prepared
 
 BLOCKS = 500  # x 4 draws per block

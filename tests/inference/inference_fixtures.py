@@ -16,15 +16,15 @@ from lbva.inference.bundle import BundleSpec
 from lbva.inference.observations import ActionCodec, CameraLayout, ObservationEncoder, PromptEncoder
 from lbva.inference.runtime import InferenceRuntime
 from lbva.inference.settings import InferenceSettings
+from lbva.models.action_space import ActionStats
 from lbva.models.attention import AttentionKernels, sdpa_kernel
 from lbva.models.config import get_preset
+from lbva.models.encoders import EncoderChoice
 from lbva.models.masks import CLEAN, TokenLayout, dense_self_attention_mask
 from lbva.models.mot import LingBotVA, ModelInputs
 from lbva.models.patching import action_positions, patchify, video_positions
-from lbva.training.data.encoders import EncoderChoice
-from lbva.training.data.tiling import make_tiling
-from lbva.training.demo_dataset import ActionStats
-from lbva.training.standin_encoders import StandInTextEncoder, StandInVideoEncoder
+from lbva.models.standin_encoders import StandInTextEncoder, StandInVideoEncoder
+from lbva.models.tiling import make_tiling
 
 CAMERAS = ("observation.images.top", "observation.images.wrist")
 IMAGE = 64  # pixels per side: a 4 x 4 latent per camera, 4 x 8 tiled, 2 x 4 = 8 tokens per frame

@@ -13,7 +13,7 @@ from inference_fixtures import bundle_spec, tiny_model
 from lbva.checkpoints_tools.export import write_weights_checkpoint
 from lbva.checkpoints_tools.manager import CheckpointManager, RetentionPolicy
 from lbva.inference.bundle import export_inference_bundle, load_bundle
-from lbva.inference.cli import register_export, register_serve
+from lbva.inference.cli import register, register_export
 from lbva.errors import UserError
 
 
@@ -22,7 +22,7 @@ def cli(argv: list[str]) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     export_kinds = commands.add_parser("export").add_subparsers(dest="kind", required=True)
     register_export(export_kinds)
-    register_serve(commands, argparse.ArgumentParser)
+    register(commands)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -6,9 +6,9 @@ import torch
 
 from inference_fixtures import CAMERAS, CHANNELS, IMAGE, TEXT_TOKENS, observation, stats, tiled_latents
 from lbva.inference.observations import ActionCodec, CameraLayout, ObservationEncoder, PromptEncoder
-from lbva.training.data.encoders import EncoderChoice, WanVideoEncoder
-from lbva.training.data.tiling import make_tiling, resize_frames
-from lbva.training.standin_encoders import StandInTextEncoder
+from lbva.models.encoders import EncoderChoice, WanVideoEncoder
+from lbva.models.standin_encoders import StandInTextEncoder
+from lbva.models.tiling import make_tiling, resize_frames
 
 LAYOUT = CameraLayout(CAMERAS, make_tiling("side_by_side", 2, [IMAGE], [IMAGE]))
 

@@ -9,11 +9,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from harness import TrainCase, TrainRecord
 from helpers import random_sample
 from lbva.models.config import get_preset
-from lbva.parallelism.harness import TrainCase, TrainRecord
 from lbva.training.config import ObjectiveConfig, OptimConfig
-from lbva.training.packing import PackedSequence, build_packed_sequence, cut_windows
+from lbva.training.data.packing import PackedSequence, build_packed_sequence, cut_windows
 from lbva.training.step import FlowMatchingObjective
 
 PATCH = (1, 2, 2)

@@ -1,7 +1,7 @@
 """Context and pipeline parallelism combined with tensor and data parallelism train exactly like
 one process (three AdamW steps: losses, first-step gradients and parameters)."""
 
-from lbva.parallelism.harness import parallel_run, reference_run
+from harness import parallel_run, reference_run
 from lbva.parallelism.mesh import ParallelConfig
 
 from test_cp_parity import parity_gaps

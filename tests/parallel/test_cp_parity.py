@@ -1,7 +1,7 @@
 """Ulysses context parallelism trains exactly like one process: losses, first-step gradients and
 parameters after three AdamW steps match the single-process run of the same sequences and draws."""
 
-from lbva.parallelism.harness import TrainRecord, parallel_run, reference_run
+from harness import TrainRecord, parallel_run, reference_run
 from lbva.parallelism.mesh import ParallelConfig
 
 

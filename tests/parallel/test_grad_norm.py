@@ -5,12 +5,12 @@ import torch
 import torch.distributed as dist
 
 from lbva.models.config import get_preset
-from lbva.parallelism.context_parallel import ContextParallel, ContextParallelObjective
 from lbva.parallelism.grad_norm import clip_grad_norm_
-from lbva.parallelism.harness import build_case_model, spawn_ranks
 from lbva.parallelism.mesh import ParallelConfig, ParallelDims
-from lbva.parallelism.parallelize import parallelize
-from lbva.training.step import FlowMatchingObjective
+from lbva.parallelism.parallelize import parallelize, step_layout_for
+from lbva.training.step import FlowMatchingObjective, run_objective
+
+from harness import build_case_model, spawn_ranks
 
 CPU = torch.device("cpu")
 
@@ -29,10 +29,8 @@ def _rank_norm(case, parallel: ParallelConfig) -> float:
     mesh = dims.build_mesh("cpu")
     model = parallelize(build_case_model(case), mesh, parallel)
     objective = FlowMatchingObjective(case.objective, case.empty_text)
-    if dims.cp_enabled:
-        objective = ContextParallelObjective(objective, ContextParallel.from_mesh(mesh))
     seq, draws = case.batches[0][0]
-    objective(model, seq, draws, "sdpa", CPU).total.backward()
+    run_objective(objective, model, [(seq, draws)], step_layout_for(mesh, "sdpa"), CPU).total.backward()
     return clip_grad_norm_(model.parameters(), max_norm=1e9)
 
 

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from lbva.models.config import get_preset
-from lbva.parallelism.mesh import ParallelConfig, ParallelDims
+from lbva.parallelism.mesh import ParallelConfig, ParallelDims, validate_layout
 from lbva.errors import UserError
 
 FULL = get_preset("lingbot-va-5b-mot")  # 24 heads, 30 layers
@@ -88,3 +88,29 @@ def test_mesh_gives_each_rank_its_data_shard_and_group(rank, dp_rank, tp_group, 
         assert mesh.fsdp_mesh.mesh.shape == (2, 2)
     finally:
         dist.destroy_process_group()
+
+
+def validate(world_size: int, model=FULL, **sizes) -> ParallelDims:
+    return validate_layout(ParallelConfig(**sizes), world_size, model=model, token_budget=10240, pad_multiple=128)
+
+
+def test_a_run_layout_is_checked_by_the_mesh_rules_too():
+    with pytest.raises(UserError, match=r"= 3 does not divide the world size \(8\)"):
+        validate(8, tp=3)
+    assert validate(16, tp=2).dp_shard == 8
+
+
+def test_the_trainer_drives_one_pipeline_stage_per_rank():
+    with pytest.raises(UserError, match=r"^parallel: pp_virtual_stages \(3\) > 1 with pp \(2\)"):
+        validate(2, pp=2, pp_virtual_stages=3, dp_shard=1)
+
+
+def test_microbatches_need_pipeline_stages():
+    with pytest.raises(UserError, match=r"^parallel: microbatches \(2\) must be 1 without pipeline stages \(pp 1\)"):
+        validate(2, microbatches=2)
+    assert validate(2, pp=2, dp_shard=1, microbatches=4).pp == 2
+
+
+def test_transformer_engine_fp8_does_not_combine_with_tensor_parallel():
+    with pytest.raises(UserError, match=r"^parallel: fp8=te with tp \(2\) > 1"):
+        validate(2, tp=2, fp8="te")

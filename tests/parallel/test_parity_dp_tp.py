@@ -9,10 +9,10 @@ import pytest
 from lbva.models.config import get_preset
 from lbva.models.mot import LingBotVA
 from lbva.parallelism.activation_checkpoint import apply_activation_checkpointing
-from lbva.parallelism.depths import model_depths
-from lbva.parallelism.harness import CPU, parallel_run, reference_run
 from lbva.parallelism.mesh import ParallelConfig
 from lbva.training.step import FlowMatchingObjective
+
+from harness import CPU, parallel_run, reference_run
 
 LAYOUTS = {
     "fsdp": (ParallelConfig(dp_shard=2), 2),
@@ -41,7 +41,7 @@ def test_checkpointed_depths_run_their_forward_again_in_backward(mode, expected_
     case = parity_case("tiny-mot")
     seq, draws = case.batches[0][0]
     model = LingBotVA(get_preset("tiny-mot"))
-    apply_activation_checkpointing(model_depths(model), mode, every=2)
+    apply_activation_checkpointing(model.depths(), mode, every=2)
     calls = [0, 0]
     for depth, block in enumerate(model.blocks):
         block.attn1.to_q.register_forward_hook(lambda *_, depth=depth: calls.__setitem__(depth, calls[depth] + 1))

@@ -14,9 +14,9 @@ from lbva.parallelism.flops import SequenceMix, forward_flops, mean_attended_key
 from lbva.parallelism.plan import (
     GPU_TYPES, Cluster, Layout, Workload, candidate_layouts, memory_estimate, plan, register, step_estimate,
 )
-from lbva.training.cli import _Parser
+from lbva.launchers.cli import CommandParser as _Parser
 from lbva.errors import UserError
-from lbva.training.packing import build_packed_sequence, cut_windows
+from lbva.training.data.packing import build_packed_sequence, cut_windows
 
 FIVE_B = get_preset("lingbot-va-5b-mot")
 

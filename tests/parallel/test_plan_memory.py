@@ -22,7 +22,8 @@ from lbva.parallelism.flops import SequenceMix
 from lbva.parallelism.plan import Layout, Workload, memory_estimate
 from lbva.training.config import TrainConfig
 from lbva.training.optim import build_optimizer
-from lbva.training.packing import build_packed_sequence, cut_windows
+from lbva.training.data.packing import build_packed_sequence, cut_windows
+from lbva.parallelism.step_layout import plain_layout
 from lbva.training.step import FlowMatchingObjective
 from lbva.training.trainer import train_step
 
@@ -79,7 +80,7 @@ def test_memory_estimate_is_within_20_percent_of_a_measured_cpu_training_step():
         t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
     )
     measured = held_between_steps + _peak_bytes_allocated_during(
-        lambda: train_step(model, objective, seq, optimizer, config, cpu, step=2)
+        lambda: train_step(model, objective, plain_layout(config.model.attention), seq, optimizer, config, cpu, step=2)
     )
 
     mix = SequenceMix(

@@ -11,7 +11,15 @@ from torch import nn
 from lbva.models.attention import build_kernels
 from lbva.models.config import get_preset
 from lbva.models.mot import LingBotVA
-from lbva.parallelism.harness import (
+from lbva.parallelism.mesh import ParallelConfig, ParallelDims
+from lbva.parallelism.parallelize import step_layout_for
+from lbva.parallelism.pipeline import build_pipeline, build_stages, pad_step_batch
+from lbva.parallelism.step_layout import plain_layout
+from lbva.training.optim import build_optimizer
+from lbva.training.data.packing import build_packed_sequence, cut_windows
+from lbva.training.step import FlowMatchingObjective, run_objective
+
+from harness import (
     CPU,
     TrainCase,
     TrainRecord,
@@ -21,12 +29,6 @@ from lbva.parallelism.harness import (
     parallel_run,
     reference_run,
 )
-from lbva.parallelism.mesh import ParallelConfig, ParallelDims
-from lbva.parallelism.pipeline import build_pipeline, build_stages, pad_step_batch
-from lbva.training.optim import build_optimizer
-from lbva.training.packing import build_packed_sequence, cut_windows
-from lbva.training.step import FlowMatchingObjective
-
 from helpers import random_sample
 from test_cp_parity import parity_gaps
 
@@ -41,15 +43,15 @@ def pipeline_train_rank(case: TrainCase, parallel: ParallelConfig) -> TrainRecor
     mesh = dims.build_mesh("cpu")
     model = build_case_model(case)
     objective = FlowMatchingObjective(case.objective, case.empty_text)
-    pipeline = build_pipeline(model, mesh, parallel, objective, "sdpa")
+    pipeline = build_pipeline(model, mesh, parallel, step_layout_for(mesh, "sdpa"))
     parts = nn.ModuleList(pipeline.model_parts)
     optimizer = build_optimizer(parts, case.optim)
-    microbatches, patch = case.dp_size // dims.dp_size, model.config.patch_size
+    microbatches = case.dp_size // dims.dp_size
     last_stage = mesh["pp"].mesh[-1].item()
     losses, gradients = [], {}
     for step, step_batches in enumerate(case.batches):
         mine = step_batches[mesh.dp_rank * microbatches : (mesh.dp_rank + 1) * microbatches]
-        terms = pipeline.step([objective.prepare(seq, draws, patch, CPU) for seq, draws in mine])
+        terms = run_objective(objective, pipeline, mine, pipeline.layout, CPU)
         if step == 0:
             gradients = {n: g for part in pipeline.model_parts for n, g in gather_full_gradients(part).items()}
         optimizer.step()
@@ -64,7 +66,7 @@ def pipeline_train_rank(case: TrainCase, parallel: ParallelConfig) -> TrainRecor
 
 def test_stages_hold_every_parameter_once_under_the_full_models_name():
     model = LingBotVA(get_preset("demo-mot"))
-    stages = [stage for rank in range(2) for _, stage in build_stages(model, rank, 2, 2, "sdpa")]
+    stages = [stage for rank in range(2) for _, stage in build_stages(model, rank, 2, 2, plain_layout("sdpa").kernels)]
     names = [name for stage in stages for name, _ in stage.named_parameters()]
     assert sorted(names) == sorted(name for name, _ in model.named_parameters())
 

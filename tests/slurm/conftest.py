@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from lbva.training.data.encoders import EncoderChoice
+from lbva.models.encoders import EncoderChoice
+from lbva.training.data.demo_world import generate_demo_dataset
 from lbva.training.data.prepare import PrepareConfig, prepare
-from lbva.training.demo_world import generate_demo_dataset
 
 from local_slurm import DAEMONS, REPO, STATE_DIR, TINY_RUN, SlurmCluster
 

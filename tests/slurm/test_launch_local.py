@@ -14,7 +14,7 @@ from local_slurm import REPO, losses, wait_for_step
 @pytest.mark.slow
 def test_sigterm_stops_a_local_run_with_a_checkpoint_and_the_same_command_resumes_it(tiny_config):
     run_dir = tiny_config.parent / "runs" / "local"
-    command = [sys.executable, "-m", "lbva.launchers.cli", "local", "--nproc=2", f"--config={tiny_config}",
+    command = [sys.executable, "-m", "lbva.launchers.cli", "launch", "local", "--nproc=2", f"--config={tiny_config}",
                "run.name=local"]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_step(run_dir, 2)

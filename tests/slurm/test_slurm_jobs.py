@@ -40,7 +40,7 @@ def sbatch_log(tiny_config: Path, job_id: str) -> str:
 
 def submit_submitit(cluster, tiny_config: Path, name: str, *options: str) -> list[str]:
     out = cluster.run(
-        sys.executable, "-m", "lbva.launchers.cli", "slurm", f"--config={tiny_config}", "--nodes=2",
+        sys.executable, "-m", "lbva.launchers.cli", "launch", "slurm", f"--config={tiny_config}", "--nodes=2",
         "--gpus-per-node=1", "--time=10", "--signal-before=60", *options, f"run.name={name}",
     )
     return re.findall(r"\d+", re.search(r"submitted job ([\d, ]+)", out).group(1))

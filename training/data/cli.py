@@ -1,4 +1,5 @@
-"""`lbva data prepare`: the command line of data preparation. `register` adds it to `lbva data`."""
+"""`lbva data prepare` (the command line of data preparation) and `lbva data demo`. `register` adds
+the `data` group to the root `lbva` command (launchers/cli.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _slurm_array(name: str, default: int) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    from lbva.training.data.encoders import EncoderChoice
+    from lbva.models.encoders import EncoderChoice
     from lbva.training.data.prepare import PrepareConfig, prepare
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -47,8 +48,24 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         print(f"  episode {error.episode}: {error.message}")
 
 
-def register(data_subparsers: argparse._SubParsersAction) -> None:
-    """Add `prepare` to the `lbva data` subcommands."""
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo_world import generate_demo_dataset
+
+    generate_demo_dataset(args.out, num_episodes=args.episodes, frames_per_episode=args.frames, seed=args.seed)
+    print(f"wrote a LeRobot v2.1 demo dataset with {args.episodes} episodes to {args.out}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `data {prepare,demo}` to the `lbva` subcommands."""
+    data = subparsers.add_parser("data", help="datasets")
+    data_subparsers = data.add_subparsers(dest="data_command", required=True)
+    demo = data_subparsers.add_parser("demo", help="write the procedural pushing-world LeRobot dataset")
+    demo.add_argument("out", type=Path)
+    demo.add_argument("--episodes", type=int, default=48)
+    demo.add_argument("--frames", type=int, default=97, help="raw frames per episode")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo)
+
     p = data_subparsers.add_parser(
         "prepare", help="encode a local LeRobot v2.1/v3.0 dataset into webdataset shards",
         description="Encode a LeRobot dataset (v2.1 or v3.0) into the prepared format: webdataset shards of "

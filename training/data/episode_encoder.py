@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lbva.training.data.encoders import EncoderChoice
-from lbva.training.data.format import EMPTY_TEXT_ID, SampleMeta, encode_members, sample_key, text_id
-from lbva.training.data.tiling import Tiling, resize_frames
-from lbva.training.demo_dataset import ActionStats, align_actions
 from lbva.errors import UserError
-from lbva.training.lerobot_v21 import LeRobotDataset
-from lbva.training.samples import ACTION_DIM
+from lbva.models.action_space import ACTION_DIM, ActionStats
+from lbva.models.encoders import EncoderChoice
+from lbva.models.tiling import Tiling, resize_frames
+from lbva.training.data.alignment import align_actions
+from lbva.training.data.format import EMPTY_TEXT_ID, SampleMeta, encode_members, sample_key, text_id
+from lbva.training.data.lerobot import LeRobotDataset
 
 DIT_PATCH = 2  # the DiT patchifies latents 2x2 (spec 2.1): one video token per 2x2 latent cells
 

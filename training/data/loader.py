@@ -55,13 +55,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lbva.errors import UserError
+from lbva.models.action_space import ACTION_DIM
 from lbva.models.masks import CLEAN, PADDING
 
-from lbva.errors import UserError
-from ..packing import PackedSequence, Window, build_packed_sequence
-from ..samples import ACTION_DIM, EpisodeSample
+from .packing import PackedSequence, Window, build_packed_sequence
 from .plan import DataPlan, PlanCursor
 from .reader import BadRecord, BadSample, OnError, SampleReader, TextStore, read_index, report_bad
+from .samples import EpisodeSample
 
 STATE_FORMAT = 1
 
@@ -88,8 +89,9 @@ class PreparedStream(IterableDataset):
     datasets: dataset folders written by `lbva data prepare` (sources must have distinct names).
     rank, world_size: the data-parallel rank and size (not the global rank when other parallel
     dims exist). patch, latent_channels: the model's. text_tokens: text length after padding.
-    token_budget, window_frames, chunk_multiple, pad_multiple, forward_dynamics: as for
-    training/stream.PackedStream. weights, seed, block_samples: see plan.DataPlan.
+    token_budget: tokens per packed sequence; window_frames: latent frames per window, shortened so
+    one window fits the budget; chunk_multiple: windows are cut at multiples of it; pad_multiple,
+    forward_dynamics: see packing.build_packed_sequence. weights, seed, block_samples: see plan.DataPlan.
     on_error: 'skip' logs and counts bad data, 'fail' raises DataError naming shard and key.
     Yields LoadedSequence; iterate it through PackedLoader.
     """

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lbva.errors import UserError
-from ..packing import Window, cut_windows, first_fit
 from .format import FORMAT_VERSION
+from .packing import Window, cut_windows, first_fit
 from .reader import IndexEntry, SourceIndex
 
 # Stream ids mixed into the seeds so the three kinds of randomness never share a generator.

@@ -35,19 +35,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lbva.training.data.encoders import EncoderChoice, default_device
+from lbva.errors import UserError
+from lbva.models.action_space import ACTION_DIM, ActionStats
+from lbva.models.encoders import EncoderChoice, default_device
+from lbva.models.tiling import make_tiling
+from lbva.training.data.alignment import frame_stride
 from lbva.training.data.episode_encoder import (
     EpisodeEncoder, EpisodeResult, EpisodeSettings, SamplePlan, latent_frames, stored_text_id,
 )
-from lbva.training.data.tiling import make_tiling
+from lbva.training.data.lerobot import LeRobotDataset, Segment
 from lbva.training.data.writer import (
     TaskIndex, committed_shard, index_line, index_path, shard_path, stats_path, temporary_path, texts_path,
     update_card, write_atomic,
 )
-from lbva.training.demo_dataset import ActionStats, frame_stride
-from lbva.errors import UserError
-from lbva.training.lerobot_v21 import LeRobotDataset, Segment
-from lbva.training.samples import ACTION_DIM
 
 log = logging.getLogger(__name__)
 

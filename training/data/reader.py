@@ -22,8 +22,10 @@ import torch
 from safetensors import safe_open
 
 from lbva.errors import UserError
-from ..samples import ACTION_DIM, EpisodeSample
+from lbva.models.action_space import ACTION_DIM
+
 from .format import EMPTY_TEXT_ID, decode_members
+from .samples import EpisodeSample
 
 log = logging.getLogger("lbva.data")
 

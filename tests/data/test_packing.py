@@ -5,7 +5,7 @@ import torch
 
 from helpers import random_sample
 from lbva.models.masks import CLEAN, NOISY, NOISY_FDM, PADDING
-from lbva.training.packing import TokenCost, build_packed_sequence, cut_windows, first_fit
+from lbva.training.data.packing import TokenCost, build_packed_sequence, cut_windows, first_fit
 
 PATCH = (1, 2, 2)
 

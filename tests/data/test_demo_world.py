@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lbva.training.demo_world import (
+from lbva.training.data.demo_world import (
     AGENT_RADIUS, BLOCK_HALF, GOAL_DIRECTIONS, MAX_SPEED, PushWorld, generate_demo_dataset, simulate_episode,
 )
 from lbva.errors import UserError
-from lbva.training.lerobot_v21 import LeRobotDataset
+from lbva.training.data.lerobot import LeRobotDataset
 
 SIZE = 128
 

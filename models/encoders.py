@@ -1,4 +1,5 @@
-"""The video and text encoders of `lbva data prepare`, behind one small interface with two implementations.
+"""The video and text encoders of data preparation and inference, behind one small interface with two
+implementations.
 
     VideoEncoder.encode(pixels [B, 3, T, H, W] in [-1, 1]) -> latents [B, z_dim, 1 + (T-1)/4, H/16, W/16]
     TextEncoder.encode([text, ...]) -> [[L_i, text_dim], ...], the true length of each text only
@@ -6,7 +7,7 @@
 "real": the Wan2.2 VAE (diffusers AutoencoderKLWan; latents are the normalised posterior mean
 (mu - latents_mean) / latents_std of spec 2.1) and umT5 (transformers UMT5EncoderModel; 512-token
 padding, outputs cut to the tokenizer's attention mask), both loaded from local folders.
-"standin": the deterministic stand-ins of training/standin_encoders.py, for the demo and tests.
+"standin": the deterministic stand-ins of models/standin_encoders.py, for the demo and tests.
 
 `EncoderChoice` names what to load; it is small and picklable, so each worker process loads its own
 encoder from it, and `describe()` gives the card entry (paths and configs) without loading weights.
@@ -23,7 +24,7 @@ from typing import Protocol
 import torch
 
 from lbva.errors import UserError
-from lbva.training.standin_encoders import StandInTextEncoder, StandInVideoEncoder
+from lbva.models.standin_encoders import StandInTextEncoder, StandInVideoEncoder
 
 ENCODER_KINDS = ("real", "standin")
 TEXT_MAX_LENGTH = 512  # umT5 prompts are padded to 512 tokens (spec 6.2: text_emb [512, 4096])

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lbva.models.action_space import ACTION_DIM
 from lbva.models.masks import CLEAN, NOISY, NOISY_FDM, PADDING
 from lbva.models.patching import action_positions, patchify, video_positions
 
-from .samples import ACTION_DIM, EpisodeSample
+from .samples import EpisodeSample
 
 
 @dataclass(frozen=True)

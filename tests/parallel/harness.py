@@ -32,12 +32,10 @@ from lbva.models.config import get_preset
 from lbva.models.mot import LingBotVA
 from lbva.training.config import ObjectiveConfig, OptimConfig
 from lbva.training.optim import build_optimizer
-from lbva.training.packing import PackedSequence
-from lbva.training.step import FlowMatchingObjective, StepDraws
-
-from .context_parallel import ContextParallel, ContextParallelObjective
-from .mesh import ParallelConfig, ParallelDims
-from .parallelize import parallelize
+from lbva.training.data.packing import PackedSequence
+from lbva.parallelism.mesh import ParallelConfig, ParallelDims
+from lbva.parallelism.parallelize import parallelize, step_layout_for
+from lbva.training.step import FlowMatchingObjective, StepDraws, run_objective
 
 CPU = torch.device("cpu")
 
@@ -161,14 +159,13 @@ def train_rank(case: TrainCase, parallel: ParallelConfig) -> TrainRecord:
     mesh = dims.build_mesh("cpu")
     model = parallelize(build_case_model(case), mesh, parallel)
     objective = FlowMatchingObjective(case.objective, case.empty_text)
-    if dims.cp_enabled:
-        objective = ContextParallelObjective(objective, ContextParallel.from_mesh(mesh))
+    layout = step_layout_for(mesh, "sdpa")
     optimizer = build_optimizer(model, case.optim)
     dp_rank, dp_group = mesh.dp_rank, mesh.dp.get_group()
     losses, gradients = [], {}
     for step, step_batches in enumerate(case.batches):
         seq, draws = step_batches[dp_rank]
-        loss = objective(model, seq, draws, "sdpa", CPU).total
+        loss = run_objective(objective, model, [(seq, draws)], layout, CPU).total
         loss.backward()
         if step == 0:
             gradients = gather_full_gradients(model)

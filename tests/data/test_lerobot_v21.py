@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lbva.training.demo_world import generate_demo_dataset, simulate_episode, write_mp4
 from lbva.errors import UserError
-from lbva.training.lerobot_v21 import LeRobotDataset
+from lbva.training.data.demo_world import generate_demo_dataset, simulate_episode, write_mp4
+from lbva.training.data.lerobot import LeRobotDataset
 
 CAMERA = "observation.images.top"
 

@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-# The unified action layout of spec 2.1: [0:7] left EEF, [7:14] right EEF, [14:21] left joints,
-# [21:28] right joints, [28] left gripper, [29] right gripper.
-ACTION_DIM = 30
+from lbva.models.action_space import ACTION_DIM
 
 
 @dataclass

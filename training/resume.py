@@ -1,0 +1,67 @@
+"""Where a run resumes from, and loading it: the checkpoint must hold this model and be whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from lbva.checkpoints_tools.manager import CheckpointError, CheckpointManager, latest_checkpoint, read_meta, verify
+from lbva.checkpoints_tools.train_state import TrainState
+from lbva.errors import UserError
+
+from .config import TrainConfig
+from .optim import lr_factor
+
+
+def resolve_resume(config: TrainConfig, run_dir: Path) -> Path | None:
+    """checkpoint.resume: "none", "auto" (the run's newest committed checkpoint, if any) or a folder."""
+    choice = config.checkpoint.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return latest_checkpoint(run_dir / "checkpoints")
+    folder = Path(choice)
+    if not folder.is_dir():
+        raise UserError(f"checkpoint.resume: {folder} is not a checkpoint folder")
+    return folder
+
+
+def resume(config: TrainConfig, run_dir: Path, checkpoints: CheckpointManager, state: TrainState, meta: dict,
+           console: Console) -> None:
+    """Load the checkpoint checkpoint.resume names into `state` (nothing when there is none); the
+    current config's schedule governs from there, so a run may be extended on resume."""
+    folder = resolve_resume(config, run_dir)
+    if folder is None:
+        return
+    load_checkpoint(checkpoints, folder, state, meta)
+    for group in state.optimizer.param_groups:
+        group["lr"] = config.optim.lr * lr_factor(state.step, config.run.steps, config.optim)
+    console.print(f"resumed from {folder} at step {state.step}")
+
+
+def load_checkpoint(checkpoints: CheckpointManager, folder: Path, state: TrainState, meta: dict) -> None:
+    """Load `folder` into `state`; refuse a checkpoint of another model or with damaged files."""
+    try:
+        saved = read_meta(folder)
+    except CheckpointError as error:
+        raise UserError(f"checkpoint.resume: {error}") from error
+    differing = [k for k in meta["model"] if saved.get("model", {}).get(k) != meta["model"][k]]
+    if differing:
+        fields = ", ".join(f"{k} {saved.get('model', {}).get(k)!r} != {meta['model'][k]!r}" for k in differing)
+        raise UserError(
+            f"checkpoint.resume: {folder} holds another model (preset {saved.get('preset')!r}): {fields}"
+        )
+    problems = verify(folder, checksums=False)
+    if problems:
+        raise UserError(f"checkpoint.resume: {folder} is damaged: {'; '.join(problems)}")
+    try:
+        if saved.get("contents") == "weights":  # an imported step-0 checkpoint: model only
+            weights = {"train": {"model": get_model_state_dict(state.model)}}
+            checkpoints.load(folder, weights)
+            set_model_state_dict(state.model, weights["train"]["model"])
+        else:
+            checkpoints.load(folder, {"train": state})
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UserError(f"checkpoint.resume: {folder} could not be loaded: {error}") from error
