@@ -33,7 +33,7 @@ from lbva.training.config_io import load_config
 from lbva.training.data.loader import PreparedStream
 from lbva.training.data.reader import SampleReader, read_index
 from lbva.training.step import FlowMatchingObjective
-from lbva.training.trainer import step_generator
+from lbva.training.trainer import sequence_generator
 from lbva.models.attention import build_kernels
 
 
@@ -56,7 +56,7 @@ def score(config: TrainConfig, model: LingBotVA, prepared: list[Path], sequences
     rows = []
     model.eval()
     for index, item in zip(range(sequences), iter(stream)):
-        draws = objective.draw(item.sequence, step_generator(seed, 10_000 + index))
+        draws = objective.draw(item.sequence, sequence_generator(seed, 10_000 + index, 0))
         batch = objective.prepare(item.sequence, draws, patch, torch.device("cpu"))
         kernels = build_kernels(batch.layout, batch.layout.sample_id, batch.text_sample, "sdpa")
         with torch.no_grad():
