@@ -6,7 +6,7 @@
 
 bundle.json:
     format, format_version
-    source          the checkpoint folder and its step
+    source          the checkpoint folder, its step, and which weights: "trained" or "ema"
     weights_dtype   "bfloat16" (FP8 is not offered)
     actions         channels (30-d slot of each robot action dim), actions_per_frame N, q01/q99
     cameras         observation keys in tiling order, tiling layout, per-camera pixel sizes
@@ -117,18 +117,20 @@ class BundleSpec:
             raise UserError(f"{BUNDLE_FILE} is incomplete or malformed ({type(error).__name__}: {error})") from error
 
 
-def export_inference_bundle(checkpoint: Path, out: Path, spec: BundleSpec) -> Path:
-    """Checkpoint -> inference bundle folder OUT (bf16 transformer + bundle.json). Returns OUT."""
+def export_inference_bundle(checkpoint: Path, out: Path, spec: BundleSpec, ema: bool = False) -> Path:
+    """Checkpoint -> inference bundle folder OUT (bf16 transformer + bundle.json). Returns OUT.
+    ema: serve the checkpoint's moving average of the weights (`optim.ema_decay`)."""
     out = Path(out)
     if (out / BUNDLE_FILE).exists():
         raise UserError(f"{out} already holds an inference bundle; pick a new folder")
     meta = read_meta(checkpoint)
     spec.validate(model_config_from_meta(meta, Path(checkpoint)))
-    export_post_training(checkpoint, out, attn_mode=INFERENCE_ATTN_MODE)
+    export_post_training(checkpoint, out, attn_mode=INFERENCE_ATTN_MODE, ema=ema)
     bundle = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
-        "source": {"checkpoint": str(Path(checkpoint).resolve()), "step": meta.get("step")},
+        "source": {"checkpoint": str(Path(checkpoint).resolve()), "step": meta.get("step"),
+                   "weights": "ema" if ema else "trained"},
         "weights_dtype": "bfloat16",
         **spec.to_json(),
     }
@@ -182,12 +184,13 @@ def load_bundle(folder: Path) -> Bundle:
 
 
 def spec_from_checkpoint(checkpoint: Path) -> dict:
-    """What a training checkpoint knows about its data: {"action_channels", "text_tokens",
-    "video_shift", "action_shift", "stats"} where recorded. The trainer writes data_stats.json into
-    the run folder, two levels above its checkpoints: today it holds the prepared datasets' cards,
-    which record channels and stats per source (pass --card with --source); runs of earlier versions
-    on one in-process LeRobot folder recorded data.action_channels in the config and that folder's
-    q01/q99 there, which are still read."""
+    """What a training checkpoint knows about its data: {"text_tokens", "video_shift",
+    "action_shift"} from its config, and, when the run trained on one prepared source, everything
+    that source's card records (cameras and tiling, action channels, actions per frame, stats,
+    encoders). The trainer writes the prepared datasets' cards into data_stats.json in the run
+    folder, two levels above its checkpoints; with several sources, pass --card with --source.
+    Runs of earlier versions on one in-process LeRobot folder recorded data.action_channels in the
+    config and that folder's q01/q99 in data_stats.json, which are still read."""
     meta = read_meta(checkpoint)
     config = meta.get("config") or {}
     data, objective = config.get("data", {}), config.get("objective", {})
@@ -198,6 +201,9 @@ def spec_from_checkpoint(checkpoint: Path) -> dict:
         recorded = list(json.loads(stats_file.read_text()).values())
         if len(recorded) == 1 and "q01" in recorded[0]:
             found["stats"] = ActionStats.from_dict(recorded[0])
+        elif len(recorded) == 1 and len(recorded[0].get("sources", {})) == 1:
+            (source,) = recorded[0]["sources"]
+            found.update(_spec_from_card_data(recorded[0], source, stats_file))
     return found
 
 
@@ -208,6 +214,10 @@ def spec_from_card(card: Path, source: str) -> dict:
         data = json.loads(Path(card).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"--card: cannot read {card} ({error})") from error
+    return _spec_from_card_data(data, source, card)
+
+
+def _spec_from_card_data(data: dict, source: str, card: Path) -> dict:
     entry = data.get("sources", {}).get(source)
     if entry is None:
         raise UserError(f"{card} has no source '{source}'; it has {sorted(data.get('sources', {}))}")

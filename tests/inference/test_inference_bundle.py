@@ -120,3 +120,24 @@ def test_export_can_take_the_robot_interface_from_a_prepared_data_card(tmp_path)
     spec = load_bundle(out).spec
     assert spec.cameras.keys[0] == "observation.images.high" and spec.cameras.tiling.layout == "robotwin_tshape"
     assert spec.actions_per_frame == 16 and spec.action_channels == (0,) and spec.stats.q99[0] == 1.0
+
+
+def test_export_of_a_run_on_one_prepared_source_needs_no_card(tmp_path):
+    # The trainer writes the prepared datasets' cards into data_stats.json; with one source the
+    # card's robot interface is the run's, so `lbva export inference CKPT OUT` needs nothing more.
+    model = tiny_model()
+    run = tmp_path / "run"
+    manager = CheckpointManager(run / "checkpoints", RetentionPolicy(keep_last=1), async_save=False)
+    meta = json.loads(json.dumps({"model": asdict(model.config), "config": {"data": {"text_tokens": 8}}}))
+    manager.save(5, {"train": {"model": get_model_state_dict(model)}}, meta)
+    q01, q99 = [0.0] * 30, [0.0] * 30
+    q01[2], q99[2] = -3.0, 3.0
+    card = {"format_version": 1, "encoders": {"kind": "standin", "video": {}, "text": {}}, "sources": {"pusher": {
+        "cameras": ["observation.images.top"], "tiling": {"layout": "side_by_side", "camera_sizes": [[64, 64]]},
+        "action_channels": [2], "actions_per_frame": 4, "stats": {"q01": q01, "q99": q99}}}}
+    (run / "data_stats.json").write_text(json.dumps({"/data/prepared": card}))
+    out = tmp_path / "bundle"
+    cli(["export", "inference", str(run / "checkpoints" / "step_00000005"), str(out)])
+    spec = load_bundle(out).spec
+    assert spec.cameras.keys == ("observation.images.top",) and spec.action_channels == (2,)
+    assert spec.actions_per_frame == 4 and spec.stats.q01[2] == -3.0 and spec.text_tokens == 8
