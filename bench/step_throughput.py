@@ -34,7 +34,7 @@ from lbva.training.data.packing import PackedSequence, build_packed_sequence, cu
 from lbva.training.data.samples import EpisodeSample
 from lbva.training.optim import build_optimizer
 from lbva.training.step import FlowMatchingObjective
-from lbva.training.trainer import train_step
+from lbva.training.trainer import draw_sequences, train_step
 
 # Per device: what runs by default. The CPU defaults keep a step around a second on 2 cores.
 DEFAULTS = {
@@ -150,7 +150,10 @@ def run(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         started = time.perf_counter()
-        train_step(model, objective, layout, seq, optimizer, train_config, device, step)
+        sequences = draw_sequences(objective, [seq], train_config.run.seed, step, dp_rank=0, dp_size=1)
+        train_step(model, objective, layout, sequences, [1.0], train_config, device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if fp8 is not None:
             fp8.after_optimizer_step()
         _sync(device)

@@ -45,10 +45,11 @@ def _cmd_export(args) -> None:
     from .export import export_post_training
 
     try:
-        folder = export_post_training(args.checkpoint, args.out, args.attn_mode, int(args.max_shard_gb * (1 << 30)))
+        folder = export_post_training(args.checkpoint, args.out, args.attn_mode, int(args.max_shard_gb * (1 << 30)),
+                                      ema=args.ema)
     except CheckpointError as error:
         raise UserError(str(error)) from error
-    print(f"exported {args.checkpoint} to {folder}")
+    print(f"exported {args.checkpoint}{' (EMA weights)' if args.ema else ''} to {folder}")
 
 
 def _cmd_import(args) -> None:
@@ -90,6 +91,7 @@ def register_export(export_kinds: argparse._SubParsersAction) -> None:
     post.add_argument("out", type=Path)
     post.add_argument("--attn-mode", choices=["torch", "flashattn", "flex"], default="torch")
     post.add_argument("--max-shard-gb", type=float, default=5.0)
+    post.add_argument("--ema", action="store_true", help="export the moving average of the weights (optim.ema_decay)")
     post.set_defaults(func=_cmd_export)
 
 

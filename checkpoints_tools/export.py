@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from lbva.models.config import ModelConfig
@@ -31,6 +32,7 @@ from .manager import CheckpointError, CheckpointManager, RetentionPolicy, _singl
 WEIGHTS_NAME = "diffusion_pytorch_model"
 RELEASED_CLASS = "WanTransformer3DModel"
 MOT_CLASS = "LingBotVAMoT"
+_EMA_PREFIX = "train.ema.weights."  # DCP's flattened key of TrainState's "ema" (training/ema.py)
 
 
 def model_config_from_meta(meta: dict, folder: Path) -> ModelConfig:
@@ -42,16 +44,35 @@ def model_config_from_meta(meta: dict, folder: Path) -> ModelConfig:
         raise CheckpointError(f"{folder}: its metadata holds no usable model config ({error})") from error
 
 
-def load_model(folder: Path) -> LingBotVA:
-    """The model of a committed checkpoint (training or weights-only), full tensors on the CPU."""
+def load_model(folder: Path, ema: bool = False) -> LingBotVA:
+    """The model of a committed checkpoint (training or weights-only), full tensors on the CPU.
+    ema: its parameters are the checkpoint's moving average of the weights (`optim.ema_decay`)
+    instead of the weights themselves."""
     folder = Path(folder)
     meta = read_meta(folder)
     model = LingBotVA(model_config_from_meta(meta, folder))
     state = {"train": {"model": get_model_state_dict(model)}}
+    if ema:
+        averaged = ema_names(folder)
+        if not averaged:
+            raise CheckpointError(f"{folder}: holds no EMA weights (the run had optim.ema_decay = 0); "
+                                  "export it without --ema")
+        params = dict(model.named_parameters())
+        state["train"]["ema"] = {"weights": {name: params[name].detach().clone() for name in averaged}}
     with _single_process_is_intended():
         dcp.load(state, checkpoint_id=str(folder))
     model.load_state_dict(state["train"]["model"])
+    if ema:
+        with torch.no_grad():
+            for name, average in state["train"]["ema"]["weights"].items():
+                params[name].copy_(average)
     return model
+
+
+def ema_names(folder: Path) -> list[str]:
+    """The parameter names whose moving average a committed checkpoint holds (none: no EMA)."""
+    entries = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return sorted(name[len(_EMA_PREFIX):] for name in entries if name.startswith(_EMA_PREFIX))
 
 
 def released_config(config: ModelConfig, attn_mode: str) -> dict:
@@ -107,9 +128,11 @@ def write_sharded_safetensors(tensors: dict[str, torch.Tensor], folder: Path, ma
     return paths
 
 
-def export_post_training(checkpoint: Path, out: Path, attn_mode: str = "torch", max_shard_bytes: int = 5 << 30) -> Path:
-    """Checkpoint -> OUT/transformer (bf16 shards + index + config.json). Returns the folder."""
-    model = load_model(checkpoint)
+def export_post_training(checkpoint: Path, out: Path, attn_mode: str = "torch", max_shard_bytes: int = 5 << 30,
+                         ema: bool = False) -> Path:
+    """Checkpoint -> OUT/transformer (bf16 shards + index + config.json). Returns the folder.
+    ema: write the checkpoint's moving average of the weights instead of the weights."""
+    model = load_model(checkpoint, ema)
     tensors = {name: t.detach().to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
     folder = Path(out) / "transformer"
     write_sharded_safetensors(tensors, folder, max_shard_bytes)

@@ -1,6 +1,7 @@
 """Everything a resumed run needs, as one DCP `Stateful`: model, optimizer, scheduler, step,
-data-stream position, RNG. Model and optimizer go through `get_state_dict` / `set_state_dict`, so
-FSDP2 / DTensor shards are saved as shards and resharded on load onto whatever mesh is current."""
+data-stream position, RNG, and the weights' moving average when the run keeps one. Model and
+optimizer go through `get_state_dict` / `set_state_dict`, so FSDP2 / DTensor shards are saved as
+shards and resharded on load onto whatever mesh is current."""
 
 from __future__ import annotations
 
@@ -36,20 +37,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class TrainState(Stateful):
     """The training state at a step boundary. `step` counts completed optimizer steps.
 
-    RNG: the trainer derives every random draw of a step from (seed, step), so the saved RNG state
-    (rank 0's, applied on every rank) matters only to code outside that discipline.
+    RNG: the trainer derives every random draw of a step from (seed, step, sequence), so the saved
+    RNG state (rank 0's, applied on every rank) matters only to code outside that discipline.
+
+    `ema` (training/ema.py, or None): its state_dict holds tensors shaped and placed like the
+    parameters, so DCP saves it as shards and reshards it on load like the model; key "ema".
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer, scheduler, stream: StreamState, step: int = 0):
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, stream: StreamState, step: int = 0,
+                 ema: Stateful | None = None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.stream = stream
         self.step = step
+        self.ema = ema
 
     def state_dict(self) -> dict[str, Any]:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {
+        state = {
             "model": model_state,
             "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
@@ -57,6 +63,9 @@ class TrainState(Stateful):
             "stream": self.stream.state_dict(),
             "rng": _rng_state(),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_state_dict(
@@ -66,3 +75,5 @@ class TrainState(Stateful):
         self.step = int(state["step"])
         self.stream.load_state_dict(state["stream"])
         _set_rng_state(state["rng"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])

@@ -109,7 +109,7 @@ def _cmd_export_inference(args: argparse.Namespace) -> None:
                       actions_per_frame=int(known["actions_per_frame"]), stats=known["stats"], encoders=encoders,
                       text_tokens=int(known["text_tokens"]), defaults=settings)
     try:
-        out = export_inference_bundle(args.checkpoint, args.out, spec)
+        out = export_inference_bundle(args.checkpoint, args.out, spec, ema=args.ema)
     except CheckpointError as error:
         raise UserError(str(error)) from error
     print(f"exported inference bundle {out} (serve it with `lbva serve {out}`)")
@@ -124,6 +124,7 @@ def register_export(export_kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--card", type=Path, default=None, help="prepared-data card.json to take cameras, tiling, "
                    "action channels, actions per frame, stats and encoders from")
     p.add_argument("--source", default=None, help="the card's source the model serves")
+    p.add_argument("--ema", action="store_true", help="serve the moving average of the weights (optim.ema_decay)")
     p.add_argument("--stats", type=Path, default=None,
                    help="action stats JSON {q01, q99} (default: the run's data_stats.json, or --card)")
     p.add_argument("--action-channels", type=_int_list, default=None, metavar="SLOT,...",

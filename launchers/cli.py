@@ -26,6 +26,8 @@ from lbva.parallelism import plan
 from lbva.training import cli as training_cli
 from lbva.training.data import cli as data_cli
 
+from .local import DEFAULT_MAX_RESTARTS
+
 
 class CommandParser(argparse.ArgumentParser):
     """The parser of every `lbva` (sub)command: subparsers take the class of their parent, so
@@ -40,6 +42,23 @@ def _load_config(args: argparse.Namespace):
     from lbva.training.config_io import load_config
 
     return load_config(TrainConfig, args.config, args.overrides)
+
+
+def _load_recipe(path: Path, overrides: list[str]) -> plan.Recipe:
+    """What `lbva plan --config` plans from a training config."""
+    from lbva.parallelism.flops import SequenceMix
+    from lbva.training.config import TrainConfig
+    from lbva.training.config_io import load_config
+
+    config = load_config(TrainConfig, path, overrides)
+    data, objective = config.data, config.objective
+    mix = SequenceMix(
+        token_budget=data.token_budget, window_frames=data.window_frames, text_tokens=data.text_tokens,
+        chunk_sizes=tuple(objective.chunk_size), attention_windows=tuple(objective.attention_window),
+        forward_dynamics=objective.forward_dynamics_weight > 0, pad_multiple=data.pad_multiple,
+    )
+    return plan.Recipe(name=path.name, preset=config.model.preset, parallel=config.parallel, mix=mix,
+                       steps=config.run.steps, attention="sdpa" if config.model.attention == "sdpa" else "flex")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -77,7 +96,7 @@ def _cmd_local(args: argparse.Namespace) -> None:
     from .local import default_nproc, launch_local
 
     config = _load_config(args)  # a bad config ends here, in one line, not in every worker
-    launch_local(config, args.config, args.overrides, args.nproc or default_nproc())
+    launch_local(config, args.config, args.overrides, args.nproc or default_nproc(), args.max_restarts)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +137,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local = commands.add_parser("local", help="run on this machine with torchrun --standalone")
     _add_config_arguments(local)
     local.add_argument("--nproc", type=int, default=None, help="ranks to start (default: one per GPU, 1 without)")
+    local.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS, metavar="N",
+                       help="restarts of the whole group after a worker fails, each resuming from the newest "
+                            f"checkpoint (default {DEFAULT_MAX_RESTARTS})")
     local.set_defaults(func=_cmd_local)
 
 
@@ -128,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     register(commands)  # train, launch
     training_cli.register(commands)  # model-info, demo
     data_cli.register(commands)  # data prepare, data demo
-    plan.register(commands)  # plan
+    plan.register(commands, load_recipe=_load_recipe)  # plan
     # `export` gathers what two packages write from a checkpoint; neither imports the other.
     export_kinds = commands.add_parser("export", help="export a checkpoint").add_subparsers(
         dest="export_kind", required=True)

@@ -86,6 +86,11 @@ _STOP_REASONS = {
 }
 
 
+# Group restarts torchrun makes inside one launch before it gives up (`lbva launch local
+# --max-restarts`; slurm/pretrain.sbatch has the same default).
+DEFAULT_MAX_RESTARTS = 3
+
+
 def default_nproc() -> int:
     """One rank per visible GPU; one rank on a machine without."""
     import torch
@@ -93,21 +98,29 @@ def default_nproc() -> int:
     return max(torch.cuda.device_count(), 1)
 
 
-def launch_local(config: TrainConfig, config_file: Path | None, overrides: list[str], nproc: int) -> None:
+def launch_local(
+    config: TrainConfig, config_file: Path | None, overrides: list[str], nproc: int,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+) -> None:
     """Become `torchrun --standalone` running `nproc` workers of the run on this machine.
 
     `config` is what `config_file` and `overrides` load to; it is checked against `nproc` ranks
     before torchrun starts, and each worker loads it again from the same file and overrides.
+    A worker that fails (a crash, a kill -9, an OOM) makes torchrun stop the others and start the
+    whole group again, up to `max_restarts` times; the new workers resume from the run's newest
+    committed checkpoint (`run_worker`), so what a restart costs is the steps since that checkpoint.
     The process is replaced (exec), not wrapped: Ctrl-C and SIGTERM then reach torchrun, which
     passes them to the workers, instead of a parent that would kill torchrun and orphan them.
     """
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
+    if max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
     check_before_launch(config, nproc, f"{nproc} rank(s) on this machine")
     config_args = [f"--config={config_file}"] if config_file is not None else []
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
-        "-m", "lbva.launchers.cli", "train", *config_args, *overrides,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--max-restarts={max_restarts}",
+        f"--nproc-per-node={nproc}", "-m", "lbva.launchers.cli", "train", *config_args, *overrides,
     ]
     sys.stdout.flush()
     # torchrun's default SIGUSR2 action would end it and its workers without a checkpoint; ignored

@@ -9,7 +9,7 @@ API (used by parallelize.py, context_parallel.py, pipeline.py, the trainer and t
                                        trainer and, against the allocation, by `lbva launch`
     ParallelDims.resolve(config, world_size, model=ModelConfig, token_budget=, pad_multiple=)
         -> ParallelDims                the mesh's part of it: any layout the mesh can build (the
-                                       plan and the parity harness also build interleaved stages)
+                                       plan and the parity harness use it directly)
     dims.dp_size, dims.tp_enabled / cp_enabled / pp_enabled / dp_enabled / fsdp_enabled
     dims.build_mesh(device_type) -> ParallelMesh   (needs the default process group)
         mesh.world   5-D DeviceMesh, dims MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp"),
@@ -60,7 +60,8 @@ class ParallelConfig:
     # DTensor and FSDP2) or Transformer Engine (NGC containers; not combined with tp > 1).
     fp8: Literal["none", "torchao", "te"] = "none"
     # Packed sequences per data-parallel rank per optimizer step: the pipeline's microbatches
-    # (>= pp keeps every stage busy). Without pipeline stages it must be 1.
+    # (>= pp; a multiple of pp with virtual stages), or without pipeline stages the sequences whose
+    # gradients accumulate (one backward each) before the optimizer step.
     microbatches: int = 1
 
 
@@ -176,15 +177,20 @@ def validate_layout(
     process group and no device, so a launcher calls it against the allocation before starting
     anything. Returns the validated sizes; raises UserError naming the offending numbers."""
     dims = ParallelDims.resolve(config, world_size, model=model, token_budget=token_budget, pad_multiple=pad_multiple)
-    if dims.pp_enabled and config.pp_virtual_stages > 1:
+    if config.microbatches < 1:
+        raise UserError(f"parallel: microbatches must be >= 1, got {config.microbatches}")
+    if not dims.pp_enabled and config.pp_virtual_stages > 1:
         raise UserError(
-            f"parallel: pp_virtual_stages ({config.pp_virtual_stages}) > 1 with pp ({config.pp}): the trainer "
-            "drives one pipeline stage per rank (1F1B); interleaved stages are built and tested in "
-            "parallelism/pipeline.py only"
+            f"parallel: pp_virtual_stages ({config.pp_virtual_stages}) > 1 needs pipeline stages (pp {config.pp})"
         )
-    if not dims.pp_enabled and config.microbatches != 1:
+    if dims.pp_enabled and config.pp_virtual_stages == 1 and config.microbatches < config.pp:
         raise UserError(
-            f"parallel: microbatches ({config.microbatches}) must be 1 without pipeline stages (pp {config.pp})"
+            f"parallel: microbatches ({config.microbatches}) must be >= pp ({config.pp}) for the 1F1B schedule"
+        )
+    if dims.pp_enabled and config.pp_virtual_stages > 1 and config.microbatches % config.pp:
+        raise UserError(
+            f"parallel: microbatches ({config.microbatches}) must be a multiple of pp ({config.pp}) for the "
+            f"interleaved 1F1B schedule (pp_virtual_stages {config.pp_virtual_stages})"
         )
     if config.fp8 == "te" and dims.tp_enabled:
         raise UserError(

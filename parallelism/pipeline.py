@@ -24,7 +24,8 @@ longest video part, action part and text (padding is loss-neutral, `pad_step_bat
 fixes its activation shapes the first time it runs (by running the first microbatch once), so a
 step with other shapes builds new stages and a new schedule and pays that inference run again.
 The loss comes from the caller (training/step.py), taken on the last stage through the schedule's
-loss_fn with the step layout's frame reduction.
+loss_fn with the step layout's frame reduction and each microbatch's weight (the schedule scales
+nothing). The evaluation loss runs one microbatch forward only through a schedule of its own.
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleLoopedBFS,
+)
 from torch.distributed.tensor import DTensor, Replicate
 
 from lbva.models.blocks import DepthState
@@ -111,6 +118,28 @@ class MoTStage(ModelPieces):
         shards = layout.length // (video_positions.shape[1] + action_positions.shape[1])
         state = self.run_depths(state, self.make_kernels(layout, text_sample, video_positions.shape[1] * shards))
         return self.heads(state, temb) if self.last else _boundary(state, temb)
+
+
+class StageGroup(nn.Module):
+    """Several stages of one rank seen as one module under the full model's names: their
+    embedders, heads and parameters, and per block stack one DepthRange of all their depths. The
+    optimizer, the checkpoint's state dict and the final weights take it where they take a model;
+    it runs nothing itself (the schedule runs the stages)."""
+
+    def __init__(self, parts: Sequence[MoTStage]):
+        super().__init__()
+        self.config = parts[0].config
+        for part in parts:
+            for name, param in part.named_parameters(recurse=False):
+                self.register_parameter(name, param)
+            for name, child in part.named_children():
+                if isinstance(child, DepthRange):
+                    if name not in self._modules:
+                        self.add_module(name, DepthRange(nn.ModuleList(), range(0)))
+                    for depth, block in child.named_children():
+                        self._modules[name].add_module(depth, block)
+                elif name not in self._modules:
+                    self.add_module(name, child)
 
 
 def _boundary(state: DepthState, temb: TimestepEmbeddings) -> tuple[torch.Tensor, ...]:
@@ -244,37 +273,61 @@ class Pipeline:
         self.device = torch.device(device)
         self.layout = layout
         self.holds_last_stage = any(index == num_stages - 1 for index, _ in stages)
+        # This rank's share of the model as one module (the optimizer's and the checkpoint's).
+        self.module = self.model_parts[0] if len(self.model_parts) == 1 else StageGroup(self.model_parts)
         self._schedule = None
         self._schedule_key: tuple | None = None
+        self._eval_schedule = None
+        self._eval_key: tuple | None = None
 
-    def step(self, batches: Sequence[TargetedBatch], loss: LossFn) -> list | None:
+    def step(self, batches: Sequence[TargetedBatch], loss: LossFn, weights: Sequence[float]) -> list | None:
         """Forward and backward of every microbatch (one packed sequence each, whole even under
-        cp); gradients accumulate as the mean over microbatches, as the schedule's scale_grads
-        divides by their number. loss(targets, video_pred, action_pred, reduce_frames) -> terms
-        runs on the last stage. Returns each microbatch's terms, in microbatch order, where the
-        last stage lives; None elsewhere."""
+        cp); gradients accumulate as the sum over microbatches of weights[i] x microbatch i's
+        total (the schedule scales nothing). loss(targets, video_pred, action_pred,
+        reduce_frames) -> terms runs on the last stage. Returns each microbatch's (unweighted)
+        terms, in microbatch order, where the last stage lives; None elsewhere."""
         args, kwargs, targets = self._microbatch_inputs(batches)
         schedule = self._schedule_for(args, kwargs, len(batches))
         terms_of: dict[int, object] = {}
         schedule.step(
             *args, target=torch.arange(len(batches)), return_outputs=False,
-            loss_kwargs={"targets": targets, "terms_of": terms_of, "loss": loss}, **kwargs,
+            loss_kwargs={"targets": targets, "terms_of": terms_of, "loss": loss, "weights": list(weights)}, **kwargs,
         )
         if not self.holds_last_stage:
             return None
         return [terms_of[index] for index in sorted(terms_of)]
 
+    def evaluate(self, batch: TargetedBatch, loss: LossFn):
+        """One microbatch forward only through the stages (call under torch.no_grad), with a
+        schedule of its own so the training schedule keeps its shapes. Returns the loss terms on
+        the rank with the last stage, None elsewhere."""
+        args, kwargs, targets = self._microbatch_inputs([batch])
+        key = (*(t.shape for t in args), *(t.shape for t in kwargs.values()))
+        if key != self._eval_key:
+            stages = self._pipeline_stages()
+            self._eval_schedule = (
+                ScheduleGPipe(stages[0], 1, loss_fn=self._loss) if len(stages) == 1
+                else ScheduleLoopedBFS(stages, 1, loss_fn=self._loss)
+            )
+            self._eval_key = key
+        terms_of: dict[int, object] = {}
+        self._eval_schedule.eval(
+            *args, target=torch.zeros(1, dtype=torch.long),
+            loss_kwargs={"targets": targets, "terms_of": terms_of, "loss": loss, "weights": [1.0]}, **kwargs,
+        )
+        return terms_of[0] if self.holds_last_stage else None
+
     def _loss(
         self, output: tuple[torch.Tensor, torch.Tensor], microbatch: torch.Tensor, targets: list, terms_of: dict,
-        loss: LossFn,
+        loss: LossFn, weights: list[float],
     ) -> torch.Tensor:
-        """The schedule's loss_fn: one microbatch's total loss; its terms go to terms_of, keyed by
-        microbatch because the schedule also calls this while inferring gradient shapes."""
+        """The schedule's loss_fn: one microbatch's weighted total loss; its terms go to terms_of,
+        keyed by microbatch because the schedule also calls this while inferring gradient shapes."""
         video_pred, action_pred = output
         index = int(microbatch)
         terms = loss(targets[index], video_pred[0], action_pred[0], self.layout.reduce_frames)
         terms_of[index] = terms
-        return terms.total
+        return terms.total * weights[index]
 
     def _microbatch_inputs(self, batches: Sequence[TargetedBatch]) -> tuple[tuple, dict, list]:
         """Pad the microbatches to one shape, take this rank's token shards (cp) and stack them
@@ -310,13 +363,17 @@ class Pipeline:
         schedule (stages wrap the same modules and hold no parameters of their own)."""
         key = (num_microbatches, *(t.shape for t in args), *(t.shape for t in kwargs.values()))
         if key != self._schedule_key:
-            stages = [
-                PipelineStage(module, index, self.num_stages, self.device, group=self.group)
-                for index, module in self.stages
-            ]
+            stages = self._pipeline_stages()
             if len(stages) == 1:
-                self._schedule = Schedule1F1B(stages[0], num_microbatches, loss_fn=self._loss)
+                self._schedule = Schedule1F1B(stages[0], num_microbatches, loss_fn=self._loss, scale_grads=False)
             else:
-                self._schedule = ScheduleInterleaved1F1B(stages, num_microbatches, loss_fn=self._loss)
+                self._schedule = ScheduleInterleaved1F1B(
+                    stages, num_microbatches, loss_fn=self._loss, scale_grads=False
+                )
             self._schedule_key = key
         return self._schedule
+
+    def _pipeline_stages(self) -> list[PipelineStage]:
+        return [
+            PipelineStage(module, index, self.num_stages, self.device, group=self.group) for index, module in self.stages
+        ]

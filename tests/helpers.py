@@ -7,7 +7,11 @@ from pathlib import Path
 import torch
 
 from lbva.models.action_space import ACTION_DIM
+from lbva.training.data.packing import PackedSequence, build_packed_sequence, cut_windows
 from lbva.training.data.samples import EpisodeSample
+
+PATCH = (1, 2, 2)
+PAD_MULTIPLE = 32
 
 
 def random_sample(
@@ -42,3 +46,13 @@ def prepared_demo(root: Path, *, num_episodes: int, frames_per_episode: int, ima
     prepare(PrepareConfig(src=lerobot, out=root / "prepared", action_channels=[0, 1], heights=[image_size],
                           widths=[image_size], encoders=EncoderChoice("standin", standin_text_dim=text_dim)))
     return root / "prepared"
+
+
+def tiny_sequence(seed: int, *, text_dim: int = 32) -> PackedSequence:
+    """Two 3-frame episodes of 4 x 4 latents packed into one sequence (64 video + 32 action tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = [
+        random_sample(f"src{i}/{seed}", generator, frames=3, height=4, width=4, text_dim=text_dim) for i in range(2)
+    ]
+    windows = [w for s in samples for w in cut_windows(s, 3, 1)]
+    return build_packed_sequence(windows, PATCH, pad_multiple=PAD_MULTIPLE, forward_dynamics=False)

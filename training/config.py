@@ -28,12 +28,16 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     wandb: Literal["online", "offline", "disabled"] = "disabled"
     wandb_project: str = "lingbot-va-pretrain"
+    # [first, last] steps to record with the torch profiler on the logging rank (training/profiling.py).
+    profile_steps: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.steps < 1:
             raise UserError(f"run.steps must be >= 1, got {self.steps}")
         if self.log_every < 1:
             raise UserError(f"run.log_every must be >= 1, got {self.log_every}")
+        if self.profile_steps and (len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
+            raise UserError(f"run.profile_steps must be [first, last] with 1 <= first <= last, got {self.profile_steps}")
 
 
 @dataclass
@@ -122,8 +126,16 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 2.0
+    # A step whose loss or gradient norm is not finite is skipped (no update) on every rank; this
+    # many in a row stop the run with the last good weights checkpointed.
+    max_nonfinite_steps: int = 3
+    # > 0 keeps an exponential moving average of the weights (training/ema.py), updated after each
+    # optimizer step, checkpointed and exported with `--ema`; 0 keeps none.
+    ema_decay: float = 0.0
 
     def validate(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"optim.ema_decay must lie in [0, 1) (0: no EMA), got {self.ema_decay}")
         if self.lr <= 0:
             raise UserError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -132,6 +144,8 @@ class OptimConfig:
             raise UserError(f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip <= 0:
             raise UserError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
+        if self.max_nonfinite_steps < 1:
+            raise UserError(f"optim.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
 
 
 @dataclass
@@ -162,7 +176,7 @@ class TrainConfig:
 # The embedded demo: the procedural pushing world and the demo-mot preset, sized for 2 CPU cores.
 # `lbva demo` layers these over the defaults above; configs/demo.toml spells out the same values.
 DEMO_BASE: dict = {
-    "run": {"name": "demo", "steps": 400, "log_every": 10},
+    "run": {"name": "demo", "steps": 250, "log_every": 10},
     "model": {"preset": "demo-mot"},
     "data": {
         "prepared": ["runs/demo-prepared"], "text_tokens": 16, "window_frames": 8, "token_budget": 2048,

@@ -133,6 +133,11 @@ def start_processes(config: TrainConfig) -> Processes:
     build the mesh. The layout is checked before any group exists, so a bad one fails fast."""
     world = world_from_env()
     device = resolve_device(config.run.device, world.local_rank)
+    # Set the intra-op thread count explicitly once: a CPU checkpoint stages on one thread and
+    # restores the count afterwards, and a count left at its implicit default is not restored to
+    # the same kernels (the steps after a mid-run checkpoint then differ in the last bit from a
+    # straight run's, which breaks bit-exact resume).
+    torch.set_num_threads(torch.get_num_threads())
     dims = validate_layout(
         config.parallel, world.world_size, model=get_preset(config.model.preset),
         token_budget=config.data.token_budget, pad_multiple=config.data.pad_multiple,

@@ -27,7 +27,8 @@ from .objectives import per_frame_sums, weighted_frame_mean
 
 @dataclass
 class StepDraws:
-    """Everything random about one step, drawn from one generator so a step can be replayed."""
+    """Everything random about one packed sequence of a step, drawn from one generator so the step
+    can be replayed."""
 
     chunk_size: int
     window: int
@@ -47,14 +48,20 @@ class LossTerms:
     forward_dynamics: torch.Tensor | None
 
 
-def mean_terms(terms: Sequence[LossTerms]) -> LossTerms:
-    """Each term's mean over microbatches, detached (a pipeline's schedule ran backward already)."""
-    fdm = [t.forward_dynamics.detach() for t in terms if t.forward_dynamics is not None]
+def weighted_terms(terms: Sequence[LossTerms], weights: Sequence[float]) -> LossTerms:
+    """Each term's weighted sum over sequences, detached (a pipeline's schedule ran backward
+    already; the trainer runs backward per sequence)."""
+
+    def total(values: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+        return torch.stack([value.detach() * weight for value, weight in values]).sum()
+
+    pairs = list(zip(terms, weights, strict=True))
+    fdm = [(t.forward_dynamics, w) for t, w in pairs if t.forward_dynamics is not None]
     return LossTerms(
-        total=torch.stack([t.total.detach() for t in terms]).mean(),
-        video=torch.stack([t.video.detach() for t in terms]).mean(),
-        action=torch.stack([t.action.detach() for t in terms]).mean(),
-        forward_dynamics=torch.stack(fdm).mean() if fdm else None,
+        total=total([(t.total, w) for t, w in pairs]),
+        video=total([(t.video, w) for t, w in pairs]),
+        action=total([(t.action, w) for t, w in pairs]),
+        forward_dynamics=total(fdm) if fdm else None,
     )
 
 
@@ -261,6 +268,7 @@ def run_objective(
     sequences: Sequence[tuple[PackedSequence, StepDraws]],
     layout: StepLayout,
     device: torch.device,
+    weights: Sequence[float] | None = None,
 ) -> LossTerms | None:
     """One step's objective on any layout: prepare each sequence's batch, build its kernels, run
     the model on this rank's tokens, take the losses.
@@ -269,16 +277,34 @@ def run_objective(
     (parallelism/parallelize.py step_layout_for); or this rank's Pipeline, which takes a
     microbatch per sequence and runs them under the layout it was built with (pass its `layout`):
     its stages build the kernels, its schedule runs backward and takes the losses on the last
-    stage. Returns the loss terms (their microbatch mean, detached, from a pipeline), or None on a
-    pipeline rank without the last stage.
+    stage. weights: each microbatch's factor in the loss the schedule runs backward from (default:
+    their mean). Returns the loss terms: the sequence's own from a model; from a pipeline their
+    weighted sum over microbatches, detached, or None on a rank without the last stage.
     """
     batches = [objective.prepare(seq, draws, model.config.patch_size, device) for seq, draws in sequences]
     if isinstance(model, Pipeline):
-        terms = model.step(batches, objective.losses)
-        return None if terms is None else mean_terms(terms)
+        weights = [1.0 / len(batches)] * len(batches) if weights is None else list(weights)
+        terms = model.step(batches, objective.losses, weights)
+        return None if terms is None else weighted_terms(terms, weights)
     if len(batches) != 1:
-        raise ValueError(f"a model without pipeline stages trains one sequence per step, got {len(batches)}")
+        raise ValueError(f"a model without pipeline stages takes one sequence per call, got {len(batches)}")
     batch = batches[0]
     kernels = layout.kernels(batch.layout, batch.text_sample, batch.num_video)
     video_pred, action_pred = model(layout.shard_inputs(batch.inputs), kernels)
     return objective.losses(layout.shard_targets(batch.targets), video_pred[0], action_pred[0], layout.reduce_frames)
+
+
+def evaluate_objective(
+    objective: FlowMatchingObjective,
+    model: LingBotVA | Pipeline,
+    sequence: tuple[PackedSequence, StepDraws],
+    layout: StepLayout,
+    device: torch.device,
+) -> LossTerms | None:
+    """The loss terms of one sequence, forward only (call under torch.no_grad): through the model
+    as run_objective does, or through a pipeline's stages without its training schedule (None on
+    a pipeline rank without the last stage)."""
+    if not isinstance(model, Pipeline):
+        return run_objective(objective, model, [sequence], layout, device)
+    seq, draws = sequence
+    return model.evaluate(objective.prepare(seq, draws, model.config.patch_size, device), objective.losses)

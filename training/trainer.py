@@ -1,6 +1,9 @@
 """A training run, top to bottom: processes -> model -> data -> parallel layout -> optimizer ->
-resume -> loop (step, checkpoint, metrics) -> final weights. The parts live in their own modules:
-distributed.py (processes, layout, mesh), data/source.py, resume.py, ledger.py, metrics_window.py,
+resume -> loop (step, guard, checkpoint, metrics) -> final weights. The run folder
+(output_dir/name) gets config.toml, data_stats.json, metrics.jsonl, loss_curve.png, checkpoints/,
+ledger/, model.safetensors and model_config.json. The parts live in their own modules:
+distributed.py (processes, layout, mesh), data/source.py, resume.py, ledger.py, guard.py (non-finite
+steps), metrics_window.py, profiling.py, ema.py,
 step.py (the objective of one step for every layout)."""
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -26,7 +31,8 @@ from lbva.models.weights import WeightImportError, import_wan_video_stream
 from lbva.parallelism.fp8 import apply_fp8
 from lbva.parallelism.grad_norm import clip_grad_norm_
 from lbva.parallelism.parallelize import parallelize, step_layout_for
-from lbva.parallelism.pipeline import build_pipeline
+from lbva.parallelism.mesh import MESH_DIMS
+from lbva.parallelism.pipeline import Pipeline, build_pipeline
 from lbva.parallelism.step_layout import StepLayout
 
 from .config import TrainConfig
@@ -34,12 +40,15 @@ from .config_io import config_to_dict, dump_toml
 from .data.packing import PackedSequence
 from .data.source import build_training_data, check_data_config
 from .distributed import Processes, checkpoint_group, mean_over, start_processes
+from .ema import build_ema
+from .guard import NonFiniteGuard, parameters_finite
 from .ledger import Ledger
 from .metrics import MetricsLogger
-from .metrics_window import MetricsWindow
+from .metrics_window import MetricsWindow, model_flops_per_token, peak_tflops
+from .profiling import StepProfiler
 from .optim import build_optimizer, build_scheduler
 from .resume import resume
-from .step import FlowMatchingObjective, run_objective
+from .step import FlowMatchingObjective, evaluate_objective, run_objective, weighted_terms
 
 
 @dataclass
@@ -53,11 +62,9 @@ class TrainResult:
 def train(
     config: TrainConfig, console: Console | None = None, stop: Callable[[int], bool] | None = None
 ) -> TrainResult:
-    """Run optimizer steps up to config.run.steps on this process's share of the parallel layout
-    (one process, or one rank under torchrun); rank 0 writes config.toml, metrics.jsonl,
-    loss_curve.png, checkpoints, model.safetensors and data_stats.json into output_dir/name.
-    `stop(step)` is asked after every step on every rank (it must agree across ranks); True
-    checkpoints and returns early (preemption, time limits)."""
+    """Optimizer steps up to config.run.steps on this process's share of the layout; rank 0 writes the
+    run folder (module docstring). `stop(step)`, asked after every step on every rank and agreed
+    across ranks, checkpoints and returns early on True (preemption, time limits)."""
     check_data_config(config)  # before building a model that may be billions of parameters
     procs = start_processes(config)
     device = procs.device
@@ -72,11 +79,11 @@ def train(
     model, pipeline = distribute(model, procs, config, step_layout)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.run.steps, config.optim)
-    state = TrainState(model, optimizer, scheduler, data.batches)
+    state = TrainState(model, optimizer, scheduler, data.batches, ema=build_ema(model, optimizer, config.optim.ema_decay))
     checkpoints = CheckpointManager(
         run_dir / "checkpoints", RetentionPolicy(config.checkpoint.keep_last, config.checkpoint.keep_every),
-        async_save=config.checkpoint.async_save, process_group=checkpoint_group(),
-    )
+        async_save=config.checkpoint.async_save, process_group=checkpoint_group())
+    checkpoints.guard(optimizer)  # an optimizer step waits until an in-flight save has copied the state
     meta = checkpoint_meta(config, model, procs)
     resume(config, run_dir, checkpoints, state, meta, console)
     saved_step = state.step  # the newest step already on disk (0: none)
@@ -92,40 +99,43 @@ def train(
             stack.callback(batches.close)
         ledger = Ledger(run_dir, procs.mesh)
         stack.callback(ledger.close)
-        window = MetricsWindow(config.run.log_every, config.run.steps, procs.dims.dp_size)
+        window = MetricsWindow(config.run.log_every, config.run.steps, procs.dims.dp_size,
+                               world_size=procs.world.world_size, peak_tflops=peak_tflops(device),
+                               flops_per_token=model_flops_per_token(model.config, config, data.eval_batch))
+        guard = NonFiniteGuard(config.optim.max_nonfinite_steps, console, procs.dp_group, device)
+        profiler = StepProfiler(config.run.profile_steps, run_dir, procs.logging_rank, device)
+        stack.callback(profiler.close)
         for step in range(state.step + 1, config.run.steps + 1):
-            seqs = [next(batches) for _ in range(config.parallel.microbatches)]
+            profiler.before_step(step)
+            seqs, waited = next_sequences(batches, config.parallel.microbatches)
             ledger.record(step, seqs)
-            with fp8.autocast():
-                if pipeline is None:
-                    terms, grad_norm = train_step(model, objective, step_layout, seqs[0], optimizer, config, device, step)
-                else:
-                    terms, grad_norm = pipeline_step(pipeline, objective, seqs, optimizer, config, device, step,
-                                                     procs.pp_group)
+            terms, grad_norm = forward_backward(model, pipeline, objective, step_layout, seqs, step, config, procs, fp8)
+            updated = guard.allows_update(step, terms, grad_norm, seqs)
+            if updated:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             fp8.after_optimizer_step()
             scheduler.step()
             state.step = step
             checkpoints.poll()
-            if config.checkpoint.every and step % config.checkpoint.every == 0:
-                checkpoints.save(step, {"train": state}, meta)
-                saved_step = step
-            window.add(terms, grad_norm, seqs)
+            if guard.stopping or config.checkpoint.every and step % config.checkpoint.every == 0:
+                saved_step = save_if_finite(checkpoints, state, meta, saved_step, model, device, console)
+            if guard.stopping:
+                raise guard.stop_error(step, saved_step)
+            window.add(terms, grad_norm, seqs, waited, skipped=not updated)
             if window.due(step):
-                extra = {}
-                if pipeline is None:  # the evaluation batch runs forward-only, which the schedule does not
-                    loss = evaluate(model, objective, step_layout, data.eval_batch, config, device)
-                    extra["loss_eval"] = eval_losses[step] = mean_over(loss, procs.dp_group, device)
-                metrics = window.close(procs.dp_group, device, **extra, lr=scheduler.get_last_lr()[0])
+                metrics = close_window(window, model if pipeline is None else pipeline, objective, step_layout,
+                                       data.eval_batch, config, procs, lr=scheduler.get_last_lr()[0])
+                eval_losses.update({step: metrics["loss_eval"]} if "loss_eval" in metrics else {})
                 if logger is not None:
                     logger.log(step, metrics)
+            profiler.after_step(step)
             if stop is not None and stop(step):
                 console.print(f"stopping at step {step} as asked; checkpointing")
                 break
-        if saved_step != state.step:
-            checkpoints.save(state.step, {"train": state}, meta)
-        checkpoints.wait()
-    if pipeline is None:  # pipeline stages each hold part of the model: the checkpoint is the whole of it
-        save_final_weights(model, run_dir, procs.logging_rank)
+        saved_step = save_if_finite(checkpoints, state, meta, saved_step, model, device, console)
+        checkpoints.close()
+    save_final_weights(model, run_dir, procs)
     procs.close()
     return TrainResult(run_dir, state.step, eval_losses, time.perf_counter() - started)
 
@@ -167,7 +177,7 @@ def distribute(model: LingBotVA, procs: Processes, config: TrainConfig, layout: 
     model's parameter names), else the model with TP/compile/checkpointing/FSDP applied."""
     if procs.dims.pp_enabled:
         pipeline = build_pipeline(model, procs.mesh, config.parallel, layout)
-        return pipeline.model_parts[0], pipeline
+        return pipeline.module, pipeline
     if procs.mesh is not None:
         return parallelize(model, procs.mesh, config.parallel), None
     return model, None
@@ -182,12 +192,28 @@ def checkpoint_meta(config: TrainConfig, model: LingBotVA, procs: Processes) -> 
     }))
 
 
-def save_final_weights(model: torch.nn.Module, run_dir: Path, logging_rank: bool) -> None:
+def save_final_weights(model: torch.nn.Module, run_dir: Path, procs: Processes) -> None:
     """model.safetensors (full, unsharded) and model_config.json; every rank takes part in the gather."""
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if logging_rank:
+    if procs.dims.pp_enabled:
+        weights = gather_pipeline_weights(model, procs)
+    else:
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if procs.logging_rank:
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, run_dir / "model.safetensors")
         (run_dir / "model_config.json").write_text(json.dumps(asdict(model.config), indent=1))
+
+
+def gather_pipeline_weights(model: torch.nn.Module, procs: Processes) -> dict[str, torch.Tensor]:
+    """The whole model's full state dict on the logging rank ({} elsewhere): each rank gathers its
+    stages' full tensors (a collective over the rest of the mesh), then the pp group of the
+    logging rank sends them to it."""
+    local = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    local = {name: value.detach().cpu() for name, value in local.items()}
+    if any(procs.mesh[name].get_local_rank() for name in MESH_DIMS if name != "pp"):
+        return {}
+    gathered: list | None = [None] * procs.dims.pp if procs.logging_rank else None
+    dist.gather_object(local, gathered, group=procs.pp_group, group_dst=procs.dims.pp - 1)
+    return {name: value for part in gathered for name, value in part.items()} if gathered else {}
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -195,49 +221,114 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """Each step's randomness depends only on (seed, step), so a resumed run replays it exactly."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+def sequence_generator(seed: int, step: int, sequence: int) -> torch.Generator:
+    """The randomness of global sequence `sequence` of step `step` (its index in the step's global
+    batch in the loader's order: data-parallel rank r's m-th sequence is m x dp + r). It depends
+    only on (seed, step, sequence), so a resumed run replays it exactly, sequences of a step draw
+    apart, and a layout with the same global batch draws the same for the same sequence."""
+    state = np.random.SeedSequence([seed % 2**63, step + 1, sequence]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def draw_sequences(objective, seqs: list[PackedSequence], seed: int, step: int, dp_rank: int, dp_size: int) -> list:
+    """This data-parallel rank's (sequence, draws) pairs of `step`."""
+    return [
+        (seq, objective.draw(seq, sequence_generator(seed, step, m * dp_size + dp_rank))) for m, seq in enumerate(seqs)
+    ]
+
+
+def token_weights(seqs: list[PackedSequence], dp_group, dp_size: int, device) -> list[float]:
+    """Each sequence's factor in this rank's loss: dp_size x its real tokens / the real tokens of
+    the step's global batch. Data parallelism averages gradients over dp ranks, so the step's
+    gradient is that of sum_i tokens_i x loss_i / sum_i tokens_i over the global batch, whatever
+    the split into ranks, pipeline microbatches or accumulated sequences."""
+    total = mean_over(float(sum(seq.real_tokens for seq in seqs)), dp_group, device) * dp_size
+    return [dp_size * seq.real_tokens / total if total else 0.0 for seq in seqs]
+
+
+def next_sequences(batches, count: int) -> tuple[list[PackedSequence], float]:
+    """This rank's `count` sequences of a step, and the seconds the loop waited for them."""
+    started = time.perf_counter()
+    seqs = [next(batches) for _ in range(count)]
+    return seqs, time.perf_counter() - started
+
+
+def close_window(window: MetricsWindow, model, objective, layout: StepLayout, eval_batch: PackedSequence,
+                 config: TrainConfig, procs: Processes, **extra: float) -> dict[str, float]:
+    """The logging window's metrics with the evaluation loss beside them (absent on pipeline
+    ranks without the last stage), equal on every data-parallel rank."""
+    loss = evaluate(model, objective, layout, eval_batch, config, procs.device)
+    if loss is not None:
+        extra = {"loss_eval": mean_over(loss, procs.dp_group, procs.device), **extra}
+    return window.close(procs.dp_group, procs.device, **extra)
+
+
+def forward_backward(model, pipeline, objective, layout: StepLayout, seqs: list[PackedSequence], step: int,
+                     config: TrainConfig, procs: Processes, fp8):
+    """Draws, token weights, forward and backward of this rank's sequences of `step`, through the
+    pipeline schedule when there is one; gradients clipped. -> (loss terms, global grad norm)."""
+    device = procs.device
+    sequences = draw_sequences(objective, seqs, config.run.seed, step, procs.dp_rank, procs.dims.dp_size)
+    weights = token_weights(seqs, procs.dp_group, procs.dims.dp_size, device)
+    with fp8.autocast():
+        if pipeline is None:
+            return train_step(model, objective, layout, sequences, weights, config, device)
+        return pipeline_step(pipeline, objective, sequences, weights, config, device, procs.pp_group)
+
+
+def save_if_finite(checkpoints: CheckpointManager, state: TrainState, meta: dict, saved_step: int, model, device,
+                   console: Console) -> int:
+    """Checkpoint `state` unless its step is on disk already or its weights are not finite (on
+    any rank). -> the newest step on disk."""
+    if saved_step == state.step:
+        return saved_step
+    if not parameters_finite(model, device):
+        console.print(f"step {state.step}: the weights are not finite; not checkpointed")
+        return saved_step
+    checkpoints.save(state.step, {"train": state}, meta)
+    return state.step
 
 
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 def train_step(
-    model, objective, layout: StepLayout, seq: PackedSequence, optimizer, config: TrainConfig, device, step: int
+    model, objective, layout: StepLayout, sequences: list, weights: list[float], config: TrainConfig, device
 ):
-    """One optimizer step of a model that is not split into pipeline stages, on this rank's part
-    of `layout` (parallelize.step_layout_for)."""
+    """Forward and backward of this rank's sequences of one step on a model that is not split
+    into pipeline stages (one backward per sequence, gradients accumulating), then gradient
+    clipping. -> (the weighted loss terms, the global gradient norm before clipping)."""
     model.train()
-    draws = objective.draw(seq, step_generator(config.run.seed, step))
-    with _autocast(device):
-        terms = run_objective(objective, model, [(seq, draws)], layout, device)
-    terms.total.backward()
+    terms = []
+    for sequence, weight in zip(sequences, weights, strict=True):
+        with _autocast(device):
+            sequence_terms = run_objective(objective, model, [sequence], layout, device)
+        (sequence_terms.total * weight).backward()
+        terms.append(sequence_terms)
     grad_norm = clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return terms, grad_norm
+    return weighted_terms(terms, weights), grad_norm
 
 
-def pipeline_step(pipeline, objective, seqs, optimizer, config: TrainConfig, device, step: int, pp_group):
-    """One optimizer step over this dp rank's microbatches through the pipeline schedule. Every
-    microbatch draws from the step's generator, as every dp rank does without pipeline stages."""
+def pipeline_step(pipeline, objective, sequences: list, weights: list[float], config: TrainConfig, device, pp_group):
+    """Forward and backward of this rank's microbatches of one step through the pipeline
+    schedule, then gradient clipping. -> (the weighted loss terms or None off the last stage,
+    the global gradient norm before clipping)."""
     for part in pipeline.model_parts:
         part.train()
-    sequences = [(seq, objective.draw(seq, step_generator(config.run.seed, step))) for seq in seqs]
     with _autocast(device):
-        terms = run_objective(objective, pipeline, sequences, pipeline.layout, device)
+        terms = run_objective(objective, pipeline, sequences, pipeline.layout, device, weights)
     params = [p for part in pipeline.model_parts for p in part.parameters()]
     grad_norm = clip_grad_norm_(params, config.optim.grad_clip, pp_group)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return terms, grad_norm
 
 
 @torch.no_grad()
-def evaluate(model, objective, layout: StepLayout, seq: PackedSequence, config: TrainConfig, device) -> float:
+def evaluate(model, objective, layout: StepLayout, seq: PackedSequence, config: TrainConfig, device) -> float | None:
     """Loss on one fixed batch with fixed draws: comparable across steps, unlike the training loss,
-    whose per-frame noise levels change every step."""
-    model.eval()
-    draws = objective.draw(seq, step_generator(config.run.seed, -1))
+    whose per-frame noise levels change every step. model: the model or the Pipeline (forward
+    only through its stages; None on a rank without the last stage)."""
+    for part in model.model_parts if isinstance(model, Pipeline) else [model]:
+        part.eval()
+    draws = objective.draw(seq, sequence_generator(config.run.seed, -1, 0))
     with _autocast(device):
-        return run_objective(objective, model, [(seq, draws)], layout, device).total.item()
+        terms = evaluate_objective(objective, model, (seq, draws), layout, device)
+    return None if terms is None else terms.total.item()

@@ -91,3 +91,42 @@ def test_kill_during_an_async_save_leaves_the_previous_checkpoint_newest(tmp_pat
     CheckpointManager(tmp_path, RetentionPolicy(), async_save=True)  # the next start cleans up
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
     assert verify(step_dir(tmp_path, 1)) == []
+
+
+def test_async_saves_share_one_stager_and_each_keeps_its_own_values(tmp_path, monkeypatch):
+    import lbva.checkpoints_tools.manager as manager_module
+
+    stagers = []
+    original = manager_module.dcp.async_save
+
+    def recording_async_save(state, **kwargs):
+        stagers.append(kwargs["async_stager"])
+        return original(state, **kwargs)
+
+    monkeypatch.setattr(manager_module.dcp, "async_save", recording_async_save)
+    manager = CheckpointManager(tmp_path, RetentionPolicy(), async_save=True)
+    state = _state(1.0)
+    manager.save(1, state, {})
+    state["weights"].fill_(2.0)  # in place: the second save stages into the buffers of the first
+    manager.save(2, state, {})
+    manager.close()
+    assert stagers[0] is not None and stagers[0] is stagers[1]
+    for step, value in ((1, 1.0), (2, 2.0)):
+        target = _state(0.0)
+        manager.load(step_dir(tmp_path, step), target)
+        assert torch.equal(target["weights"], torch.full((64, 64), value))
+
+
+def test_a_guarded_optimizer_step_after_an_async_save_leaves_the_saved_weights(tmp_path):
+    weight = torch.nn.Parameter(torch.ones(256, 256))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    manager = CheckpointManager(tmp_path, RetentionPolicy(), async_save=True)
+    manager.guard(optimizer)
+    manager.save(1, {"weight": weight}, {})
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()  # waits for the save's copy of the weight, then changes the weight
+    manager.close()
+    target = {"weight": torch.zeros(256, 256)}
+    manager.load(step_dir(tmp_path, 1), target)
+    assert torch.equal(target["weight"], torch.ones(256, 256))
+    assert torch.equal(weight.detach(), torch.zeros(256, 256))

@@ -106,3 +106,32 @@ def test_a_killed_worker_restarts_the_group_from_the_newest_checkpoint(prepared,
     # Ledger: after the restart every (dp rank, step) names exactly the windows of the straight run.
     assert read_ledger(run_dir) == read_ledger(tmp_path / "straight")
     assert _losses(run_dir)[steps] == _losses(tmp_path / "straight")[steps]
+
+
+def test_the_ema_of_a_two_process_fsdp_run_resumes_on_one_process(prepared, tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from lbva.checkpoints_tools.export import load_model
+    from lbva.checkpoints_tools.manager import read_meta, step_dir
+
+    decay = 0.5
+    _torchrun(2, _overrides(prepared, tmp_path, "ema", 2, "parallel.dp_shard=2", f"optim.ema_decay={decay}"))
+    _torchrun(1, _overrides(prepared, tmp_path, "ema", 3, "parallel.dp_shard=1", f"optim.ema_decay={decay}",
+                            "checkpoint.resume=auto"))
+    root = tmp_path / "ema" / "checkpoints"
+    assert read_meta(step_dir(root, 2))["world_size"] == 2 and read_meta(step_dir(root, 3))["world_size"] == 1
+
+    def saved_ema(step):
+        params = dict(load_model(step_dir(root, step)).named_parameters())
+        saved = {"train": {"ema": {"weights": {name: torch.empty_like(p) for name, p in params.items()}}}}
+        dcp.load(saved, checkpoint_id=str(step_dir(root, step)))
+        return saved["train"]["ema"]["weights"]
+
+    # Step 3's average is step 2's (saved as two shards, loaded whole) moved towards step 3's weights.
+    before, after = saved_ema(2), saved_ema(3)
+    weights = dict(load_model(step_dir(root, 3)).named_parameters())
+    for name, average in after.items():
+        torch.testing.assert_close(average, torch.lerp(before[name], weights[name].detach(), 1 - decay),
+                                   rtol=0, atol=1e-7)
+    assert any(not torch.equal(before[name], after[name]) for name in after)

@@ -10,27 +10,14 @@ import pytest
 import torch
 
 from harness import TrainCase, TrainRecord
-from helpers import random_sample
+from helpers import PAD_MULTIPLE, tiny_sequence
 from lbva.models.config import get_preset
 from lbva.training.config import ObjectiveConfig, OptimConfig
-from lbva.training.data.packing import PackedSequence, build_packed_sequence, cut_windows
 from lbva.training.step import FlowMatchingObjective
 
-PATCH = (1, 2, 2)
-PAD_MULTIPLE = 32
 # AdamW's update g / (|g| + eps) turns a gradient's last-bit differences into parameter differences
 # of up to lr where |g| is near eps; eps 1e-5 keeps such elements damped so 1e-5 is a fair bound.
 PARITY_OPTIM = OptimConfig(lr=1e-3, eps=1e-5)  # each stream's token count splits evenly over tp x cp up to 32 ranks
-
-
-def tiny_sequence(seed: int, *, text_dim: int = 32) -> PackedSequence:
-    """Two 3-frame episodes of 4 x 4 latents packed into one sequence (64 video + 32 action tokens)."""
-    generator = torch.Generator().manual_seed(seed)
-    samples = [
-        random_sample(f"src{i}/{seed}", generator, frames=3, height=4, width=4, text_dim=text_dim) for i in range(2)
-    ]
-    windows = [w for s in samples for w in cut_windows(s, 3, 1)]
-    return build_packed_sequence(windows, PATCH, pad_multiple=PAD_MULTIPLE, forward_dynamics=False)
 
 
 def make_parity_case(preset: str = "tiny-mot", dp_size: int = 1, steps: int = 3, seed: int = 0) -> TrainCase:

@@ -100,15 +100,26 @@ def test_a_run_layout_is_checked_by_the_mesh_rules_too():
     assert validate(16, tp=2).dp_shard == 8
 
 
-def test_the_trainer_drives_one_pipeline_stage_per_rank():
-    with pytest.raises(UserError, match=r"^parallel: pp_virtual_stages \(3\) > 1 with pp \(2\)"):
-        validate(2, pp=2, pp_virtual_stages=3, dp_shard=1)
+def test_interleaved_stages_take_microbatches_in_multiples_of_pp():
+    with pytest.raises(UserError, match=r"^parallel: microbatches \(3\) must be a multiple of pp \(2\)"):
+        validate(2, pp=2, pp_virtual_stages=3, dp_shard=1, microbatches=3)
+    assert validate(2, pp=2, pp_virtual_stages=3, dp_shard=1, microbatches=4).pp == 2
 
 
-def test_microbatches_need_pipeline_stages():
-    with pytest.raises(UserError, match=r"^parallel: microbatches \(2\) must be 1 without pipeline stages \(pp 1\)"):
-        validate(2, microbatches=2)
-    assert validate(2, pp=2, dp_shard=1, microbatches=4).pp == 2
+def test_virtual_stages_need_pipeline_stages():
+    with pytest.raises(UserError, match=r"^parallel: pp_virtual_stages \(2\) > 1 needs pipeline stages \(pp 1\)"):
+        validate(2, pp_virtual_stages=2)
+
+
+def test_1f1b_needs_at_least_pp_microbatches():
+    with pytest.raises(UserError, match=r"^parallel: microbatches \(1\) must be >= pp \(2\)"):
+        validate(2, pp=2, dp_shard=1)
+
+
+def test_microbatches_accumulate_without_pipeline_stages():
+    assert validate(2, microbatches=2).dp_shard == 2
+    with pytest.raises(UserError, match=r"^parallel: microbatches must be >= 1, got 0"):
+        validate(2, microbatches=0)
 
 
 def test_transformer_engine_fp8_does_not_combine_with_tensor_parallel():

@@ -213,3 +213,70 @@ def test_register_adds_a_plan_subcommand():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     assert parser.parse_args(["plan", "--preset", "tiny-mot"]).preset == "tiny-mot"
+
+
+def test_gpu_names_are_case_insensitive(capsys):
+    _run_cli("--preset", "tiny-mot", "--gpu", "h100", "--top", "1")
+    assert "x 8 H100 (" in capsys.readouterr().out
+
+
+def _plan_config(tmp_path, text: str, *argv: str) -> tuple[int, str, str]:
+    from lbva.launchers.cli import main
+
+    config = tmp_path / "recipe.toml"
+    config.write_text(text)
+    return main(["plan", "--config", str(config), *argv])
+
+
+RECIPE = """
+[model]
+preset = "lingbot-va-5b-mot"
+[run]
+steps = 1000
+[parallel]
+dp_replicate = 2
+dp_shard = 8
+activation_checkpoint = "full"
+"""
+
+
+def test_plan_config_plans_the_recipes_own_layout_and_run(tmp_path, capsys):
+    assert _plan_config(tmp_path, RECIPE, "--gpu", "h200") == 0
+    out = capsys.readouterr().out
+    expected = step_estimate(get_preset("lingbot-va-5b-mot"), _cluster("H200", nodes=2), Layout(dp_replicate=2, dp_shard=8),
+                             Workload())
+    assert "on 2 x 8 H200" in out
+    assert f"  1      2        8   1   1               -     {expected.memory.total / 2**30:.1f}" in out
+    assert f"predicted {expected.step_s:.2f} s" in out
+    assert "step: 16 sequences = 159,744 tokens" in out  # 16 data-parallel ranks x 9,984 tokens
+    assert f"{1000 * expected.step_s / 3600 * 16:,.0f} GPU-hours" in out
+
+
+def test_plan_config_takes_overrides_and_counts_a_shared_sequence_once(tmp_path, capsys):
+    assert _plan_config(tmp_path, RECIPE, "parallel.dp_shard=4", "parallel.cp=2") == 0
+    out = capsys.readouterr().out
+    assert "0.5 per GPU per step" in out and "step: 8 sequences" in out
+
+
+def test_plan_config_needs_nodes_when_the_layout_leaves_dp_shard_open(tmp_path, capsys):
+    assert _plan_config(tmp_path, RECIPE, "parallel.dp_shard=-1") == 2
+    assert "give --nodes" in capsys.readouterr().err
+    assert _plan_config(tmp_path, RECIPE, "parallel.dp_shard=-1", "--nodes", "4") == 0
+    assert "on 4 x 8 H100" in capsys.readouterr().out
+
+
+def test_plan_config_refuses_an_allocation_its_layout_does_not_fill(tmp_path, capsys):
+    assert _plan_config(tmp_path, RECIPE, "--nodes", "3") == 2
+    assert "on 24 GPUs: parallel:" in capsys.readouterr().err
+
+
+def test_plan_config_refuses_workload_flags_the_recipe_sets(tmp_path, capsys):
+    assert _plan_config(tmp_path, RECIPE, "--token-budget", "4096") == 2
+    assert "--token-budget: with --config the recipe sets this" in capsys.readouterr().err
+
+
+def test_overrides_without_a_config_are_a_user_error(capsys):
+    from lbva.launchers.cli import main
+
+    assert main(["plan", "--preset", "tiny-mot", "parallel.tp=2"]) == 2
+    assert "apply to a --config" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from lbva.training.optim import build_optimizer
 from lbva.training.data.packing import build_packed_sequence, cut_windows
 from lbva.parallelism.step_layout import plain_layout
 from lbva.training.step import FlowMatchingObjective
-from lbva.training.trainer import train_step
+from lbva.training.trainer import draw_sequences, train_step
 
 # 12M parameters (their fp32 weights, gradients and AdamW moments are a quarter of the peak), and
 # a 2,304-token sequence: two 8-frame windows of 64 video tokens per frame (x2 copies) and 8
@@ -79,9 +79,13 @@ def test_memory_estimate_is_within_20_percent_of_a_measured_cpu_training_step():
     held_between_steps = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
     )
-    measured = held_between_steps + _peak_bytes_allocated_during(
-        lambda: train_step(model, objective, plain_layout(config.model.attention), seq, optimizer, config, cpu, step=2)
-    )
+    def training_step():
+        sequences = draw_sequences(objective, [seq], config.run.seed, step=2, dp_rank=0, dp_size=1)
+        train_step(model, objective, plain_layout(config.model.attention), sequences, [1.0], config, cpu)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    measured = held_between_steps + _peak_bytes_allocated_during(training_step)
 
     mix = SequenceMix(
         token_budget=seq.video_x0.shape[0] + seq.action_x0.shape[0],

@@ -94,3 +94,20 @@ def test_launch_local_starts_lbva_train_on_every_rank(tmp_path, monkeypatch):
     (command,) = started
     assert command[command.index("--nproc-per-node=2") + 1:] == [
         "-m", "lbva.launchers.cli", "train", "model.preset=tiny-mot", f"data.prepared=['{tmp_path}']"]
+
+
+@pytest.mark.parametrize("argv, restarts", [([], "3"), (["--max-restarts", "0"], "0"), (["--max-restarts", "7"], "7")])
+def test_launch_local_lets_torchrun_restart_the_group(tmp_path, monkeypatch, argv, restarts):
+    (tmp_path / "card.json").write_text("{}")
+    started = []
+    monkeypatch.setattr("lbva.launchers.local.os.execv", lambda path, argv: started.append(argv))
+    monkeypatch.setattr("lbva.launchers.local.signal.signal", lambda *args: None)
+    assert main(["launch", "local", "--nproc", "2", *argv, "model.preset=tiny-mot",
+                 f"data.prepared=['{tmp_path}']"]) == 0
+    (command,) = started
+    assert f"--max-restarts={restarts}" in command[:command.index("lbva.launchers.cli")]
+
+
+def test_a_negative_max_restarts_is_a_user_error(capsys):
+    assert main(["launch", "local", "--nproc", "1", "--max-restarts", "-1"]) == 2
+    assert "--max-restarts must be >= 0" in capsys.readouterr().err

@@ -1,12 +1,16 @@
 """`lbva launch local`: torchrun --standalone on this machine, no Slurm."""
 
+import os
 import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from lbva.checkpoints_tools.manager import committed_steps
+from lbva.training.ledger import read_ledger
 
 from local_slurm import REPO, losses, wait_for_step
 
@@ -28,3 +32,27 @@ def test_sigterm_stops_a_local_run_with_a_checkpoint_and_the_same_command_resume
     assert "resumed from" in second.stdout
     assert sorted(losses(run_dir)) == list(range(1, 13))
     assert committed_steps(run_dir / "checkpoints")[-1] == 12
+
+
+@pytest.mark.slow
+def test_a_killed_worker_of_a_local_run_restarts_the_group_from_its_newest_checkpoint(tiny_config):
+    runs = tiny_config.parent / "runs"
+    base = [sys.executable, "-m", "lbva.launchers.cli", "launch", "local", "--nproc=2", f"--config={tiny_config}"]
+    straight = subprocess.run([*base, "run.name=local-straight"], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    launcher = subprocess.Popen([*base, "--max-restarts=1", "run.name=local-elastic", "checkpoint.every=3"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints = runs / "local-elastic" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not committed_steps(checkpoints):
+        assert time.monotonic() < deadline and launcher.poll() is None, "no checkpoint in 180 s"
+        time.sleep(0.05)
+    killed_after = committed_steps(checkpoints)[-1]
+    os.kill(psutil.Process(launcher.pid).children()[0].pid, signal.SIGKILL)  # the launcher is torchrun now
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, output[-3000:]
+    assert killed_after < 12 and "resumed from" in output
+    assert losses(runs / "local-elastic") == losses(runs / "local-straight")
+    assert read_ledger(runs / "local-elastic") == read_ledger(runs / "local-straight")

@@ -1,5 +1,6 @@
 """Jobs on a real Slurm cluster (localhost, node1 + node2): sbatch and submitit runs to completion,
-the time-limit signal, `scontrol requeue`, and a run continued on fewer nodes.
+the time-limit signal, `scontrol requeue`, a rank killed inside a job (torchrun restarts the group),
+and a run continued on fewer nodes.
 
 Every interrupted run must end with exactly the losses of the uninterrupted two-node run: the
 tiny run writes no periodic checkpoint, so it can only get there by resuming from the checkpoint
@@ -7,13 +8,18 @@ its stop wrote. Two-node jobs run two ranks (one per node, gloo, data-parallel) 
 distributed trainer on prepared shards.
 """
 
+import os
 import re
+import signal
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lbva.checkpoints_tools.manager import committed_steps
+from lbva.training.ledger import read_ledger
 
 from local_slurm import REPO, losses, wait_for_step
 
@@ -25,12 +31,14 @@ def run_dir(tiny_config: Path, name: str) -> Path:
     return tiny_config.parent / "runs" / name
 
 
-def submit_sbatch(cluster, tiny_config: Path, name: str, *overrides: str, nodes: int = 2) -> str:
+def submit_sbatch(cluster, tiny_config: Path, name: str, *overrides: str, nodes: int = 2,
+                  script_options: tuple[str, ...] = ()) -> str:
     """slurm/pretrain.sbatch as a user submits it, the GPU count of the test nodes given on the
     command line; --time leaves its USR2 (300 s before the limit) far beyond these runs."""
     return cluster.sbatch(
         f"--nodes={nodes}", "--gpus-per-node=1", "--time=10", f"--output={tiny_config.parent}/%j.out",
-        str(REPO / "slurm" / "pretrain.sbatch"), f"--config={tiny_config}", f"run.name={name}", *overrides,
+        str(REPO / "slurm" / "pretrain.sbatch"), *script_options, f"--config={tiny_config}", f"run.name={name}",
+        *overrides,
     )
 
 
@@ -129,6 +137,42 @@ def test_a_requeue_mid_run_with_data_loader_workers_resumes_to_the_same_losses(s
     stopped, resumed = stop_and_resume_steps(sbatch_log(tiny_config, job_id))
     assert len(stopped) == 1 and stopped == resumed
     assert losses(run_dir(tiny_config, "requeued-workers")) == reference[1]
+
+
+def _worker_of(name: str) -> int:
+    """The pid of one training worker of run `name` (a child of a torchrun, not the torchrun)."""
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if f"run.name={name}" in cmdline and "lbva.launchers.cli" in cmdline and not any(
+            "torchrun" in part or "torch.distributed.run" in part for part in cmdline
+        ):
+            return process.info["pid"]
+    raise AssertionError(f"no worker of run {name} found")
+
+
+def test_a_killed_rank_restarts_the_group_inside_the_job_from_the_newest_checkpoint(
+    slurm_cluster, tiny_config, reference
+):
+    name = "elastic"
+    job_id = submit_sbatch(slurm_cluster, tiny_config, name, "checkpoint.every=3",
+                           script_options=("--max-restarts", "1"))
+    checkpoints = run_dir(tiny_config, name) / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not committed_steps(checkpoints):
+        assert time.monotonic() < deadline, f"{name}: no checkpoint in 180 s"
+        time.sleep(0.05)
+    killed_after = committed_steps(checkpoints)[-1]
+    os.kill(_worker_of(name), signal.SIGKILL)  # one rank of one node dies without a word
+    job = slurm_cluster.wait_until_ended(job_id)
+    # The same job, never requeued: torchrun restarted both nodes' workers, which resumed.
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "0"
+    assert killed_after < STEPS
+    log = sbatch_log(tiny_config, job_id)
+    assert "up to 1 group restarts" in log
+    resumed = stop_and_resume_steps(log)[1]
+    assert resumed and min(resumed) >= killed_after
+    assert losses(run_dir(tiny_config, name)) == reference[1]
+    assert read_ledger(run_dir(tiny_config, name)) == read_ledger(run_dir(tiny_config, "reference"))
 
 
 def test_a_run_stopped_on_two_nodes_continues_on_one(slurm_cluster, tiny_config):
