@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from lbva.models.action_space import ACTION_DIM
+from lbva.training.config import TrainConfig
+from lbva.training.config_io import load_config
 from lbva.training.data.packing import PackedSequence, build_packed_sequence, cut_windows
 from lbva.training.data.samples import EpisodeSample
 
@@ -56,3 +58,13 @@ def tiny_sequence(seed: int, *, text_dim: int = 32) -> PackedSequence:
     ]
     windows = [w for s in samples for w in cut_windows(s, 3, 1)]
     return build_packed_sequence(windows, PATCH, pad_multiple=PAD_MULTIPLE, forward_dynamics=False)
+
+
+def tiny_train_config(dataset: Path, out: Path, *overrides: str):
+    """The resume tests' one-process run: tiny-mot on `dataset` (prepared), short windows, a
+    checkpoint written asynchronously, every step logged; `overrides` as on the command line."""
+    return load_config(TrainConfig, overrides=[
+        "model.preset=tiny-mot", f"data.prepared=['{dataset}']", f"run.output_dir={out}",
+        "data.text_tokens=8", "data.window_frames=4", "data.token_budget=256", "data.pad_multiple=32",
+        "optim.warmup_steps=2", "run.log_every=1", "checkpoint.async_save=true", *overrides,
+    ])

@@ -12,12 +12,10 @@ from lbva.checkpoints_tools.export import CheckpointError, export_post_training,
 from lbva.launchers.cli import main as lbva
 from lbva.models.config import get_preset
 from lbva.models.mot import LingBotVA
-from lbva.training.config import TrainConfig
-from lbva.training.config_io import load_config
 from lbva.training.ema import WeightEMA, build_ema
 from lbva.training.trainer import train
 
-from helpers import prepared_demo
+from helpers import prepared_demo, tiny_train_config
 
 DECAY = 0.5  # large steps: an average visibly apart from the weights after a few steps
 
@@ -28,15 +26,7 @@ def dataset(tmp_path_factory):
 
 
 def _config(dataset, out, *overrides):
-    return load_config(
-        TrainConfig,
-        overrides=[
-            "model.preset=tiny-mot", f"data.prepared=['{dataset}']", f"run.output_dir={out}",
-            "data.text_tokens=8", "data.window_frames=4", "data.token_budget=256", "data.pad_multiple=32",
-            "optim.warmup_steps=2", "run.log_every=1", "checkpoint.async_save=true", f"optim.ema_decay={DECAY}",
-            *overrides,
-        ],
-    )
+    return tiny_train_config(dataset, out, f"optim.ema_decay={DECAY}", *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,10 @@ from safetensors.torch import load_file
 
 from lbva.checkpoints_tools.manager import committed_steps
 from lbva.errors import UserError
-from lbva.training.config import TrainConfig
-from lbva.training.config_io import load_config
 from lbva.training.metrics import read_metrics
 from lbva.training.trainer import train
 
-from helpers import prepared_demo
+from helpers import prepared_demo, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +19,7 @@ def dataset(tmp_path_factory):
 
 
 def _config(dataset, out, *overrides):
-    return load_config(
-        TrainConfig,
-        overrides=[
-            "model.preset=tiny-mot", f"data.prepared=['{dataset}']", f"run.output_dir={out}",
-            "data.text_tokens=8", "data.window_frames=4", "data.token_budget=256", "data.pad_multiple=32",
-            "optim.warmup_steps=2", "run.log_every=1", "checkpoint.async_save=true", *overrides,
-        ],
-    )
+    return tiny_train_config(dataset, out, *overrides)
 
 
 def _losses(run_dir):
