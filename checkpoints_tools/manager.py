@@ -78,6 +78,14 @@ def read_meta(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def saved_parts(folder: Path, root: str = "train") -> set[str]:
+    """The top-level names saved under `root` in a committed checkpoint (e.g. model, optimizer, ema),
+    read from DCP's metadata without loading any tensor."""
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    prefix = f"{root}."
+    return {key[len(prefix):].split(".", 1)[0] for key in metadata.state_dict_metadata if key.startswith(prefix)}
+
+
 def verify(folder: Path, checksums: bool = True) -> list[str]:
     """Problems found in a committed checkpoint (missing, truncated or changed files); empty when
     sound. Without `checksums` only presence and sizes are checked (cheap enough for every resume)."""

@@ -5,7 +5,9 @@ shards and resharded on load onto whatever mesh is current."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -42,7 +44,14 @@ class TrainState(Stateful):
 
     `ema` (training/ema.py, or None): its state_dict holds tensors shaped and placed like the
     parameters, so DCP saves it as shards and reshards it on load like the model; key "ema".
+    `tokens_seen`: real tokens trained on by all ranks together, over every start of the run.
+
+    OPTIONAL parts may be missing from a checkpoint (saved without EMA, or by an older release);
+    `without(parts)` leaves them out of what a load asks DCP for, so they keep their fresh values:
+    an EMA turned on at resume then starts from the resumed weights.
     """
+
+    OPTIONAL = ("ema", "tokens_seen")
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler, stream: StreamState, step: int = 0,
                  ema: Stateful | None = None):
@@ -52,6 +61,20 @@ class TrainState(Stateful):
         self.stream = stream
         self.step = step
         self.ema = ema
+        self.tokens_seen = 0
+        self._left_out: frozenset[str] = frozenset()
+
+    @contextlib.contextmanager
+    def without(self, parts: set[str]) -> Iterator[None]:
+        """Leave the OPTIONAL `parts` out of state_dict() inside the block (a load that lacks them)."""
+        unknown = set(parts) - set(self.OPTIONAL)
+        if unknown:
+            raise ValueError(f"TrainState parts {sorted(unknown)} are not optional")
+        self._left_out = frozenset(parts)
+        try:
+            yield
+        finally:
+            self._left_out = frozenset()
 
     def state_dict(self) -> dict[str, Any]:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
@@ -62,10 +85,11 @@ class TrainState(Stateful):
             "step": self.step,
             "stream": self.stream.state_dict(),
             "rng": _rng_state(),
+            "tokens_seen": self.tokens_seen,
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
-        return state
+        return {key: value for key, value in state.items() if key not in self._left_out}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_state_dict(
@@ -75,5 +99,10 @@ class TrainState(Stateful):
         self.step = int(state["step"])
         self.stream.load_state_dict(state["stream"])
         _set_rng_state(state["rng"])
-        if self.ema is not None:
+        self.tokens_seen = int(state.get("tokens_seen", self.tokens_seen))
+        if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:
+            # Loading the optimizer ran a zero-gradient step to create its state, which the EMA
+            # saw as an update: start it afresh, so the next step copies the resumed weights.
+            self.ema.restart()

@@ -45,6 +45,10 @@ class WeightEMA:
             torch._foreach_lerp_(averages, params, 1.0 - self.decay)
         self.updates += 1
 
+    def restart(self) -> None:
+        """The next update copies the weights, as the first one of a run does."""
+        self.updates = 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"weights": self.weights, "updates": self.updates}
 

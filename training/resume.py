@@ -7,7 +7,9 @@ from pathlib import Path
 from rich.console import Console
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from lbva.checkpoints_tools.manager import CheckpointError, CheckpointManager, latest_checkpoint, read_meta, verify
+from lbva.checkpoints_tools.manager import (
+    CheckpointError, CheckpointManager, latest_checkpoint, read_meta, saved_parts, verify,
+)
 from lbva.checkpoints_tools.train_state import TrainState
 from lbva.errors import UserError
 
@@ -35,14 +37,17 @@ def resume(config: TrainConfig, run_dir: Path, checkpoints: CheckpointManager, s
     folder = resolve_resume(config, run_dir)
     if folder is None:
         return
-    load_checkpoint(checkpoints, folder, state, meta)
+    missing = load_checkpoint(checkpoints, folder, state, meta)
+    if "ema" in missing and state.ema is not None:
+        console.print(f"{folder} holds no EMA of the weights: the average starts from the resumed weights")
     for group in state.optimizer.param_groups:
         group["lr"] = config.optim.lr * lr_factor(state.step, config.run.steps, config.optim)
     console.print(f"resumed from {folder} at step {state.step}")
 
 
-def load_checkpoint(checkpoints: CheckpointManager, folder: Path, state: TrainState, meta: dict) -> None:
-    """Load `folder` into `state`; refuse a checkpoint of another model or with damaged files."""
+def load_checkpoint(checkpoints: CheckpointManager, folder: Path, state: TrainState, meta: dict) -> set[str]:
+    """Load `folder` into `state`; refuse a checkpoint of another model or with damaged files.
+    -> the optional parts of TrainState the checkpoint lacks (they keep their fresh values)."""
     try:
         saved = read_meta(folder)
     except CheckpointError as error:
@@ -61,7 +66,11 @@ def load_checkpoint(checkpoints: CheckpointManager, folder: Path, state: TrainSt
             weights = {"train": {"model": get_model_state_dict(state.model)}}
             checkpoints.load(folder, weights)
             set_model_state_dict(state.model, weights["train"]["model"])
+            return set(state.OPTIONAL)
         else:
-            checkpoints.load(folder, {"train": state})
+            missing = {part for part in state.OPTIONAL if part not in saved_parts(folder)}
+            with state.without(missing):
+                checkpoints.load(folder, {"train": state})
+            return missing
     except (RuntimeError, ValueError, KeyError) as error:
         raise UserError(f"checkpoint.resume: {folder} could not be loaded: {error}") from error

@@ -109,10 +109,12 @@ def train(
             profiler.before_step(step)
             seqs, waited = next_sequences(batches, config.parallel.microbatches)
             ledger.record(step, seqs)
-            terms, grad_norm = forward_backward(model, pipeline, objective, step_layout, seqs, step, config, procs, fp8)
+            terms, grad_norm, tokens = forward_backward(model, pipeline, objective, step_layout, seqs, step, config,
+                                                        procs, fp8)
             updated = guard.allows_update(step, terms, grad_norm, seqs)
             if updated:
                 optimizer.step()
+                state.tokens_seen += tokens
             optimizer.zero_grad(set_to_none=True)
             fp8.after_optimizer_step()
             scheduler.step()
@@ -125,7 +127,8 @@ def train(
             window.add(terms, grad_norm, seqs, waited, skipped=not updated)
             if window.due(step):
                 metrics = close_window(window, model if pipeline is None else pipeline, objective, step_layout,
-                                       data.eval_batch, config, procs, lr=scheduler.get_last_lr()[0])
+                                       data.eval_batch, config, procs, lr=scheduler.get_last_lr()[0],
+                                       tokens_seen=float(state.tokens_seen))
                 eval_losses.update({step: metrics["loss_eval"]} if "loss_eval" in metrics else {})
                 if logger is not None:
                     logger.log(step, metrics)
@@ -237,13 +240,13 @@ def draw_sequences(objective, seqs: list[PackedSequence], seed: int, step: int, 
     ]
 
 
-def token_weights(seqs: list[PackedSequence], dp_group, dp_size: int, device) -> list[float]:
+def token_weights(seqs: list[PackedSequence], dp_group, dp_size: int, device) -> tuple[list[float], int]:
     """Each sequence's factor in this rank's loss: dp_size x its real tokens / the real tokens of
-    the step's global batch. Data parallelism averages gradients over dp ranks, so the step's
-    gradient is that of sum_i tokens_i x loss_i / sum_i tokens_i over the global batch, whatever
-    the split into ranks, pipeline microbatches or accumulated sequences."""
-    total = mean_over(float(sum(seq.real_tokens for seq in seqs)), dp_group, device) * dp_size
-    return [dp_size * seq.real_tokens / total if total else 0.0 for seq in seqs]
+    the step's global batch, and that global count. Data parallelism averages gradients over dp
+    ranks, so the step's gradient is that of sum_i tokens_i x loss_i / sum_i tokens_i over the
+    global batch, whatever the split into ranks, pipeline microbatches or accumulated sequences."""
+    total = round(mean_over(float(sum(seq.real_tokens for seq in seqs)), dp_group, device) * dp_size)
+    return [dp_size * seq.real_tokens / total if total else 0.0 for seq in seqs], total
 
 
 def next_sequences(batches, count: int) -> tuple[list[PackedSequence], float]:
@@ -266,14 +269,17 @@ def close_window(window: MetricsWindow, model, objective, layout: StepLayout, ev
 def forward_backward(model, pipeline, objective, layout: StepLayout, seqs: list[PackedSequence], step: int,
                      config: TrainConfig, procs: Processes, fp8):
     """Draws, token weights, forward and backward of this rank's sequences of `step`, through the
-    pipeline schedule when there is one; gradients clipped. -> (loss terms, global grad norm)."""
+    pipeline schedule when there is one; gradients clipped. -> (loss terms, global grad norm, the
+    real tokens of the step's global batch)."""
     device = procs.device
     sequences = draw_sequences(objective, seqs, config.run.seed, step, procs.dp_rank, procs.dims.dp_size)
-    weights = token_weights(seqs, procs.dp_group, procs.dims.dp_size, device)
+    weights, tokens = token_weights(seqs, procs.dp_group, procs.dims.dp_size, device)
     with fp8.autocast():
         if pipeline is None:
-            return train_step(model, objective, layout, sequences, weights, config, device)
-        return pipeline_step(pipeline, objective, sequences, weights, config, device, procs.pp_group)
+            terms, grad_norm = train_step(model, objective, layout, sequences, weights, config, device)
+        else:
+            terms, grad_norm = pipeline_step(pipeline, objective, sequences, weights, config, device, procs.pp_group)
+    return terms, grad_norm, tokens
 
 
 def save_if_finite(checkpoints: CheckpointManager, state: TrainState, meta: dict, saved_step: int, model, device,
@@ -291,6 +297,8 @@ def save_if_finite(checkpoints: CheckpointManager, state: TrainState, meta: dict
 
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def train_step(
     model, objective, layout: StepLayout, sequences: list, weights: list[float], config: TrainConfig, device
 ):

@@ -132,3 +132,17 @@ def test_the_ema_of_sharded_parameters_is_sharded_alike():
         assert ema.weights["weight"].placements == model.weight.placements
     finally:
         dist.destroy_process_group()
+
+
+def test_turning_the_ema_on_at_resume_starts_it_from_the_resumed_weights(dataset, tmp_path):
+    without = tiny_train_config(dataset, tmp_path, "run.name=late", "run.steps=4")
+    train(without, Console(quiet=True), stop=lambda step: step == 2)
+    resumed = train(_config(dataset, tmp_path, "run.name=late", "run.steps=3", "checkpoint.resume=auto"),
+                    Console(quiet=True))
+    assert resumed.steps == 3
+    # One update after the resume: the first copies the weights, so the average is step 3's weights.
+    checkpoint = _last_checkpoint(resumed)
+    weights = {"train": {"model": {n: torch.empty_like(p) for n, p in _saved_ema(checkpoint).items()}}}
+    dcp.load(weights, checkpoint_id=str(checkpoint))
+    averaged = _saved_ema(checkpoint)
+    assert all(torch.equal(averaged[name], weights["train"]["model"][name]) for name in averaged)

@@ -35,6 +35,9 @@ def test_three_steps_resume_three_steps_equals_six_straight(dataset, tmp_path):
         _config(dataset, tmp_path, "run.name=split", "run.steps=6", "checkpoint.resume=auto"), Console(quiet=True)
     )
     assert _losses(resumed.run_dir) == _losses(straight.run_dir)
+    seen = lambda run: {r["step"]: r["tokens_seen"] for r in read_metrics(run.run_dir / "metrics.jsonl")}  # noqa: E731
+    assert seen(resumed) == seen(straight)  # the count carries over the resume
+    assert list(seen(straight).values()) == sorted(set(seen(straight).values()))
     a, b = load_file(straight.run_dir / "model.safetensors"), load_file(resumed.run_dir / "model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert committed_steps(resumed.run_dir / "checkpoints") == [3, 6]

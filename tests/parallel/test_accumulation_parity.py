@@ -57,7 +57,7 @@ def _train(case: TrainCase, model, layout, dp_rank: int, dp_size: int, dp_group)
     losses = []
     for global_batch in case.batches:
         sequences = [global_batch[m * dp_size + dp_rank] for m in range(microbatches)]
-        weights = token_weights([seq for seq, _ in sequences], dp_group, dp_size, CPU)
+        weights, _ = token_weights([seq for seq, _ in sequences], dp_group, dp_size, CPU)
         terms, _ = train_step(model, objective, layout, sequences, weights, config, CPU)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
