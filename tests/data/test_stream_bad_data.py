@@ -21,6 +21,12 @@ EXPECTED_KIND = {
     "index_frames": "index_mismatch", "garbage_latents": "undecodable",
 }
 FRAMES = {"alpha": episode_frames(6, seed=1), "beta": episode_frames(5, seed=2)}
+BAD_FRAME = {"nan_latents": 0, "inf_actions": -1}  # the latent frame stream_fixtures breaks
+
+
+def _holds(window_key: str, frame: int) -> bool:
+    start, frames = map(int, window_key.split("@")[1].split("+"))
+    return start <= frame < start + frames
 
 
 def _one_epoch(loader) -> list:
@@ -38,8 +44,15 @@ def test_a_broken_sample_is_skipped_counted_and_logged_with_shard_and_key(tmp_pa
     loader = make_loader([tmp_path])
     with caplog.at_level(logging.WARNING, logger="lbva.data"):
         sequences = _one_epoch(loader)
-    assert "alpha__e000001__s000" not in _keys(sequences)
-    assert _keys(sequences) == set(prepared.latents) - {"alpha__e000001__s000"}
+    broken_windows = [key for s in sequences for key in s.window_keys if key.startswith("alpha__e000001__s000@")]
+    if breakage in BAD_FRAME:
+        # Windows read only their frames: the windows holding the bad frame are dropped, the others train.
+        bad_frame = BAD_FRAME[breakage] % FRAMES["alpha"][1]
+        assert broken_windows and not [key for key in broken_windows if _holds(key, bad_frame)]
+        assert _keys(sequences) == set(prepared.latents)
+    else:
+        assert broken_windows == []
+        assert _keys(sequences) == set(prepared.latents) - {"alpha__e000001__s000"}
     assert set(loader.bad_data) == {EXPECTED_KIND[breakage]}
     shard = str(prepared.shards["alpha__e000001__s000"])
     assert any("alpha__e000001__s000" in r.message and shard in r.message for r in caplog.records)
@@ -100,8 +113,8 @@ def test_the_fail_policy_raises_naming_shard_and_key(tmp_path, num_workers):
 
 @pytest.fixture
 def half_broken(tmp_path):
-    """Every sample of source beta is broken; alpha is fine."""
-    broken = {f"beta__e{e:06d}__s000": "nan_latents" for e in range(len(FRAMES["beta"]))}
+    """Every sample of source beta is broken (in every window: a NaN would spoil only its own); alpha is fine."""
+    broken = {f"beta__e{e:06d}__s000": "garbage_latents" for e in range(len(FRAMES["beta"]))}
     write_prepared(tmp_path, FRAMES, broken=broken)
     return tmp_path
 

@@ -1,5 +1,5 @@
-"""`lbva data prepare` (the command line of data preparation) and `lbva data demo`. `register` adds
-the `data` group to the root `lbva` command (launchers/cli.py)."""
+"""`lbva data prepare` (the command line of data preparation), `lbva data index` and `lbva data demo`.
+`register` adds the `data` group to the root `lbva` command (launchers/cli.py)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,22 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         print(f"  episode {error.episode}: {error.message}")
 
 
+def _cmd_index(args: argparse.Namespace) -> None:
+    from lbva.errors import UserError
+    from lbva.training.data.index import build_table
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    folder = args.prepared / "index"
+    sources = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not sources:
+        raise UserError(f"data index: {args.prepared} has no index/SOURCE/ folder; is it a prepared dataset?")
+    for source in sources:
+        table = build_table(args.prepared, source, scan_shards=True)
+        located = int((table.columns["offset"] >= 0).sum())
+        print(f"{source}: {len(table)} samples in {len(table.shards)} shards, {located} with byte ranges, "
+              f"{len(table.problems)} bad lines, fingerprint {table.fingerprint}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo_world import generate_demo_dataset
 
@@ -56,7 +72,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `data {prepare,demo}` to the `lbva` subcommands."""
+    """Add `data {prepare,index,demo}` to the `lbva` subcommands."""
     data = subparsers.add_parser("data", help="datasets")
     data_subparsers = data.add_subparsers(dest="data_command", required=True)
     demo = data_subparsers.add_parser("demo", help="write the procedural pushing-world LeRobot dataset")
@@ -100,3 +116,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="bad episodes: log and skip them, or stop with an error")
     p.set_defaults(func=_cmd_prepare)
+
+    index = data_subparsers.add_parser(
+        "index", help="rebuild the columnar index (index/SOURCE/columns.idx) of a prepared dataset",
+        description="Build each source's columnar index from its jsonl lines, so that every rank and loader "
+                    "worker memory-maps it at start-up instead of parsing them. `lbva data prepare` writes it "
+                    "itself; run this for a dataset prepared before it did, or after editing the jsonl lines. "
+                    "Samples whose lines lack byte ranges get them from their shards' tar headers.")
+    index.add_argument("prepared", type=Path, help="prepared-data folder (with index/ and shards/)")
+    index.set_defaults(func=_cmd_index)

@@ -3,7 +3,11 @@ training stream.
 
     OUT/card.json                         what was prepared and how (encoders, stats, layout, versions)
     OUT/shards/{source}/t{task:03d}-{n:05d}.tar   webdataset shards, committed by rename
-    OUT/index/{source}/t{task:03d}.jsonl  one line per sample: key, source, shard, episode, frames, tokens
+    OUT/index/{source}/t{task:03d}.jsonl  one line per sample: key, source, shard, episode, frames, tokens,
+                                          offset, size (the sample's bytes in the shard; lines written
+                                          before prepare recorded them lack the two)
+    OUT/index/{source}/columns.idx        the same for all tasks as memory-mappable columns (index.py),
+                                          rebuilt from the jsonl lines by prepare or `lbva data index`
     OUT/texts/{source}/t{task:03d}.safetensors    text embeddings by text id, true length only
     OUT/stats/{source}.json               per-source action quantiles (ActionStats.to_dict())
 
@@ -12,6 +16,9 @@ A sample in a shard has these members (webdataset key = `sample_key(...)`, no do
     actions.npy      float32 [30, F, N]     normalised, clipped to +-1.5; group 0 zero (spec 2.1)
     action_mask.npy  bool    [30]           slots the source fills (all False: video-only source)
     meta.json        SampleMeta as JSON
+The npy members are stored uncompressed in the tar, so a reader takes the frames [s, s+n) of one
+window straight from the shard: one byte range per channel of latents.npy and per action dim of
+actions.npy (SampleReader.load_frames); the layout is unchanged since FORMAT_VERSION 1.
 Text embeddings are stored once per unique text (`text_id`) and zero-padded to the model's text
 length when read; the empty text's embedding is stored under EMPTY_TEXT_ID.
 """

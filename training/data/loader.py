@@ -25,7 +25,9 @@ Guarantees (tests/data/test_stream_resume.py and test_stream_bad_data.py check e
   * Not covered: a changed index (new or re-prepared shards), seed, weights or packing settings
     changes the plan; restoring then raises a UserError naming the mismatch (the fingerprint).
   * Bad data: a sample that fails to load is dropped from each sequence that holds one of its
-    windows, the same way in every run over the same files; every global sequence still yields one
+    windows, the same way in every run over the same files. Windows read only their own frames, so
+    a NaN or inf spoils only the windows holding it; any other fault (shape, index, tar, missing
+    member) spoils every window of the sample. Every global sequence still yields one
     step, so ranks never disagree on the number of steps. A sequence whose windows are all bad is a
     padding-only sequence (no real token): the objective gives loss 0 and zero gradients for it
     (the optimizer still steps, so AdamW's weight decay and moments move once).
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +63,7 @@ from lbva.models.masks import CLEAN, PADDING
 
 from .packing import PackedSequence, Window, build_packed_sequence
 from .plan import DataPlan, PlanCursor
-from .reader import BadRecord, BadSample, OnError, SampleReader, TextStore, read_index, report_bad
-from .samples import EpisodeSample
+from .reader import BadRecord, BadSample, OnError, SampleReader, SourceIndex, TextStore, read_index, report_bad
 
 STATE_FORMAT = 1
 
@@ -71,6 +72,18 @@ STATE_FORMAT = 1
 class StreamPosition:
     consumed: int  # global sequences trained on by all ranks together
     cursor: PlanCursor  # a block start at or before `consumed`, to re-plan from
+
+
+@dataclass(frozen=True)
+class LoadedWindow(Window):
+    """A window whose sample holds only the window's frames (SampleReader.load_frames), so it is
+    packed from frame 0 on, keeping the planned window's key (`first_frame` is its start)."""
+
+    first_frame: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.sample.key}@{self.first_frame}+{self.frames}"
 
 
 @dataclass
@@ -93,6 +106,8 @@ class PreparedStream(IterableDataset):
     one window fits the budget; chunk_multiple: windows are cut at multiples of it; pad_multiple,
     forward_dynamics: see packing.build_packed_sequence. weights, seed, block_samples: see plan.DataPlan.
     on_error: 'skip' logs and counts bad data, 'fail' raises DataError naming shard and key.
+    select: applied to the sources read from the index before the plan is built (a held-out split
+    keeps some entries of each source through SourceIndex.subset); `sources` holds its result.
     Yields LoadedSequence; iterate it through PackedLoader.
     """
 
@@ -114,6 +129,7 @@ class PreparedStream(IterableDataset):
         weights: dict[str, float] | None = None,
         on_error: OnError = "skip",
         block_samples: int = 64,
+        select: Callable[[list[SourceIndex]], list[SourceIndex]] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise UserError(f"data: rank {rank} is outside a data-parallel size of {world_size}")
@@ -122,7 +138,8 @@ class PreparedStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.patch, self.latent_channels, self.text_tokens = patch, latent_channels, text_tokens
         self.pad_multiple, self.forward_dynamics, self.on_error = pad_multiple, forward_dynamics, on_error
-        self.sources, self.index_problems = read_index(datasets, on_error)
+        sources, self.index_problems = read_index(datasets, on_error)
+        self.sources = select(sources) if select is not None else sources
         self.plan = DataPlan(
             self.sources, weights=weights, seed=seed, token_budget=token_budget, window_frames=window_frames,
             chunk_multiple=chunk_multiple, forward_dynamics=forward_dynamics, block_samples=block_samples,
@@ -151,25 +168,26 @@ class PreparedStream(IterableDataset):
             yield LoadedSequence(sequence, planned.index, after, bad)
 
     def _load(self, windows: list[Window], reader: SampleReader) -> tuple[PackedSequence, list[BadRecord]]:
-        samples: dict[str, EpisodeSample | None] = {}
-        loaded: list[Window] = []
-        bad: list[BadRecord] = []
+        """Read each window's frames; a sample with a window that fails is left out of the whole
+        sequence (all its windows), reported once."""
+        loaded: list[LoadedWindow] = []
+        bad: dict[str, BadRecord] = {}
         for window in windows:
             entry = window.sample
-            if entry.key not in samples:
-                try:
-                    samples[entry.key] = reader.load(entry)
-                except BadSample as problem:
-                    record = BadRecord(problem.kind, entry.key, str(entry.shard), problem.detail)
-                    report_bad(record, self.on_error)
-                    bad.append(record)
-                    samples[entry.key] = None
-            sample = samples[entry.key]
-            if sample is not None:
-                loaded.append(Window(sample, window.start, window.frames))
+            if entry.key in bad:
+                continue
+            try:
+                sample = reader.load_frames(entry, window.start, window.frames)
+            except BadSample as problem:
+                record = BadRecord(problem.kind, entry.key, str(entry.shard), problem.detail)
+                report_bad(record, self.on_error)
+                bad[entry.key] = record
+                continue
+            loaded.append(LoadedWindow(sample, 0, window.frames, window.start))
+        loaded = [window for window in loaded if window.sample.key not in bad]
         if not loaded:
-            return self._padding_only(), bad
-        return build_packed_sequence(loaded, self.patch, self.pad_multiple, self.forward_dynamics), bad
+            return self._padding_only(), list(bad.values())
+        return build_packed_sequence(loaded, self.patch, self.pad_multiple, self.forward_dynamics), list(bad.values())
 
     def _padding_only(self) -> PackedSequence:
         """A step with no real token: pad_multiple padding tokens per part, one frame slot (the
@@ -275,7 +293,9 @@ class PackedLoader:
         if state["fingerprint"] != plan.fingerprint:
             raise UserError(
                 f"data state: saved for data plan {state['fingerprint']}, this run's is {plan.fingerprint}: "
-                "the index, seed, weights or packing settings changed since the checkpoint"
+                "the index, seed, weights, packing or held-out split (data.validation_fraction) changed since "
+                "the checkpoint; a run saved before the held-out split and the columnar index existed cannot "
+                "resume its data position: start it from the checkpoint's weights (lbva import) instead"
             )
         cursor = plan.cursor_from_dict(state["cursor"])
         if not cursor.first_sequence <= int(state["consumed"]):

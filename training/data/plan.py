@@ -116,7 +116,7 @@ class DataPlan:
         self._last_drawable = max(i for i, w in enumerate(self.weights) if w > 0)
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
         for source in self.sources:
-            widest = max(source.entries, key=lambda e: e.tokens_per_frame)
+            widest = source.widest()
             if self.cost.per_frame(widest) > token_budget:
                 raise UserError(
                     f"data.token_budget {token_budget} is less than one latent frame of sample {widest.key} "
@@ -140,9 +140,10 @@ class DataPlan:
         settings = [FORMAT_VERSION, self.seed, self.weights, self.token_budget, self.window_frames,
                     self.chunk_multiple, self.cost.forward_dynamics, self.block_samples, self.names]
         digest.update(json.dumps(settings).encode())
+        # Each source's fingerprint hashes its entries (key, shard name, frames, tokens per frame, in
+        # order); it is computed once, when the index table is built (index.py).
         for source in self.sources:
-            for e in source.entries:
-                digest.update(f"{e.key}\t{e.shard.name}\t{e.latent_frames}\t{e.tokens_per_frame}\n".encode())
+            digest.update(f"{source.name}\t{len(source)}\t{source.fingerprint}\n".encode())
         return digest.hexdigest()[:16]
 
     def start(self) -> PlanCursor:
@@ -154,7 +155,7 @@ class DataPlan:
             # Keep this epoch and the one before: a block may straddle one epoch boundary.
             self._permutations = {k: v for k, v in self._permutations.items() if k[0] != source or k[1] >= epoch - 1}
             generator = np.random.default_rng([self.seed, _PERMUTATION, source, epoch])
-            self._permutations[key] = generator.permutation(len(self.sources[source].entries))
+            self._permutations[key] = generator.permutation(len(self.sources[source]))
         return self._permutations[key]
 
     def window_frames_for(self, entry: IndexEntry) -> int:
@@ -171,9 +172,8 @@ class DataPlan:
         draws = list(cursor.source_draws)
         windows: list[Window] = []
         for source in self.draw_sources(cursor.block):
-            entries = self.sources[source].entries
-            epoch, position = divmod(draws[source], len(entries))
-            entry = entries[self._permutation(source, epoch)[position]]
+            epoch, position = divmod(draws[source], len(self.sources[source]))
+            entry = self.sources[source].entry(int(self._permutation(source, epoch)[position]))
             draws[source] += 1
             windows += cut_windows(entry, self.window_frames_for(entry), self.chunk_multiple)
         bins = first_fit(windows, self.token_budget, self.cost)

@@ -1,7 +1,7 @@
 """`lbva data prepare`: a local LeRobot dataset (v2.x or v3.0) -> the prepared format of format.py.
 
 One call prepares one array task's share of one source (episode number i of the dataset goes to task
-i % num_tasks), in five steps:
+i % num_tasks), in six steps:
   1. plan     episodes -> samples (one per `action_config` segment, else one per episode), grouped into
               shards of whole episodes. The plan depends on the dataset and the settings alone, so a
               rerun finds the same shards and skips the finished ones.
@@ -15,6 +15,8 @@ i % num_tasks), in five steps:
               process), written into t{task}-{n}.tar.tmp and renamed to .tar when complete; the
               shard's index lines are added after the rename. A stale .tar.tmp from a crash is deleted
               and its shard redone; a finished .tar is never touched again.
+  6. table    the source's columnar index (index.py) is rebuilt from the jsonl lines of all its tasks,
+              so training opens it in seconds; `lbva data index OUT` does the same by hand.
 On a GPU one process (--workers 1) keeps the VAE busy; on CPU nodes a pool of workers, each with its
 own VAE and a share of the cores, decodes and encodes episodes in parallel.
 """
@@ -43,9 +45,10 @@ from lbva.training.data.alignment import frame_stride
 from lbva.training.data.episode_encoder import (
     EpisodeEncoder, EpisodeResult, EpisodeSettings, SamplePlan, latent_frames, stored_text_id,
 )
+from lbva.training.data.index import build_table
 from lbva.training.data.lerobot import LeRobotDataset, Segment
 from lbva.training.data.writer import (
-    TaskIndex, committed_shard, index_line, index_path, shard_path, stats_path, temporary_path, texts_path,
+    TaskIndex, committed_shard, index_path, shard_lines, shard_path, stats_path, temporary_path, texts_path,
     update_card, write_atomic,
 )
 
@@ -149,6 +152,7 @@ def prepare(config: PrepareConfig) -> PrepareReport:
     texts = {s.text for shard in shards for samples in shard.samples.values() for s in samples}
     _save_texts(texts_path(config.out, source, config.task_id), texts | {""}, config.encoders)
     _write_shards(config, settings, shards, report)
+    build_table(config.out, source)
     return report
 
 
@@ -293,7 +297,7 @@ def _write_shards(config: PrepareConfig, settings: EpisodeSettings, shards: list
     jobs = [(episode, samples) for shard in pending for episode, samples in shard.samples.items()]
     with _episode_results(settings, jobs, config.workers) as results:
         for shard in pending:
-            lines = []
+            metas = []
             with committed_shard(directory, config.task_id, shard.number) as writer:
                 for _ in shard.samples:
                     result = next(results)
@@ -301,7 +305,8 @@ def _write_shards(config: PrepareConfig, settings: EpisodeSettings, shards: list
                         _bad_episode(config, report, result.episode, result.error)
                     for members, meta in result.samples:
                         writer.write(members)
-                        lines.append(index_line(meta, relative[shard.number]))
+                        metas.append(meta)
+            lines = shard_lines(config.out, relative[shard.number], metas)
             index.add(relative[shard.number], lines)
             report.shards_written += 1
             report.samples_written += len(lines)

@@ -2,8 +2,10 @@
 shards, with every problem found turned into a `BadRecord` that names the shard and the key.
 
 Samples are read by random access, not by streaming a tar front to back: the training order is a
-global permutation over all samples (plan.py), so the reader keeps, per shard, the byte range of
-each sample (its members are consecutive in the tar), found once from the tar headers.
+global permutation over all samples (plan.py). The index records each sample's byte range in its
+shard (index.py); the reader walks the few tar headers in it and reads, of the latents and actions,
+only the frames a window needs (npy members: C-order [C, F, h, w] and [30, F, N], so one contiguous
+range per channel).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,35 +27,13 @@ from safetensors import safe_open
 from lbva.errors import UserError
 from lbva.models.action_space import ACTION_DIM
 
-from .format import EMPTY_TEXT_ID, decode_members
+from .format import EMPTY_TEXT_ID, MEMBERS, SampleMeta
+from .index import IndexEntry, SourceIndex, read_table
 from .samples import EpisodeSample
 
 log = logging.getLogger("lbva.data")
 
 OnError = Literal["skip", "fail"]
-
-
-@dataclass(frozen=True, slots=True)
-class IndexEntry:
-    """One line of an index file: what the plan needs to know about a sample without reading it."""
-
-    key: str
-    source: str
-    shard: Path
-    latent_frames: int
-    tokens_per_frame: int  # video + action tokens of one copy of one latent frame
-
-    @property
-    def num_frames(self) -> int:
-        """The name `packing.cut_windows` reads, so windows are cut from the index alone."""
-        return self.latent_frames
-
-
-@dataclass
-class SourceIndex:
-    name: str
-    root: Path  # the dataset folder that holds this source
-    entries: list[IndexEntry]
 
 
 @dataclass(frozen=True)
@@ -92,22 +73,6 @@ def report_bad(record: BadRecord, on_error: OnError) -> None:
 # ---------------------------------------------------------------------------------------- index
 
 
-def _parse_entry(line: str, root: Path, source: str) -> IndexEntry:
-    """An index line: key, source, shard (relative to the dataset folder), episode, frames (latent
-    frames) and tokens (frames x tokens per frame)."""
-    row = json.loads(line)
-    frames, tokens = int(row["frames"]), int(row["tokens"])
-    if frames < 1 or tokens < frames or tokens % frames:
-        raise ValueError(f"frames {frames} and tokens {tokens}: tokens must be a positive multiple of frames")
-    entry = IndexEntry(
-        key=str(row["key"]), source=str(row["source"]), shard=root / str(row["shard"]),
-        latent_frames=frames, tokens_per_frame=tokens // frames,
-    )
-    if entry.source != source:
-        raise ValueError(f"source '{entry.source}' in the index of source '{source}'")
-    return entry
-
-
 def _read_source(root: Path, source: str, on_error: OnError) -> tuple[SourceIndex, list[BadRecord]]:
     problems: list[BadRecord] = []
 
@@ -115,29 +80,16 @@ def _read_source(root: Path, source: str, on_error: OnError) -> tuple[SourceInde
         report_bad(record, on_error)
         problems.append(record)
 
-    entries: list[IndexEntry] = []
-    seen: set[str] = set()
-    for index_file in sorted((root / "index" / source).glob("t*.jsonl")):
-        for number, line in enumerate(index_file.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = _parse_entry(line, root, source)
-            except (ValueError, KeyError, TypeError) as error:
-                problem(BadRecord("bad_index_line", "?", f"{index_file}:{number}", f"{type(error).__name__}: {error}"))
-                continue
-            if entry.key in seen:
-                problem(BadRecord("duplicate_key", entry.key, str(entry.shard), f"listed twice in {index_file}"))
-                continue
-            seen.add(entry.key)
-            entries.append(entry)
+    table = read_table(root, source)
+    for found in table.problems:
+        problem(BadRecord(*found))
     # A committed shard that no index line names (its task's index is missing, or prepare stopped
     # between committing the shard and writing its lines) is never read: say so.
-    indexed = {entry.shard for entry in entries}
+    indexed = {root / shard for shard in table.shards}
     for shard in sorted((root / "shards" / source).glob("t*-*.tar")):
         if shard not in indexed:
             problem(BadRecord("missing_index", "*", str(shard), f"no line of index/{source}/ names this shard"))
-    return SourceIndex(source, root, entries), problems
+    return SourceIndex(source, root, table), problems
 
 
 def read_index(datasets: Sequence[Path], on_error: OnError) -> tuple[list[SourceIndex], list[BadRecord]]:
@@ -155,7 +107,7 @@ def read_index(datasets: Sequence[Path], on_error: OnError) -> tuple[list[Source
                 raise UserError(f"data: source '{name}' is in both {sources[name].root} and {root}; rename one")
             source, found = _read_source(root, name, on_error)
             problems += found
-            if source.entries:
+            if len(source):
                 sources[name] = source
             else:
                 log.warning("source %s in %s has no usable sample; it is left out", name, root)
@@ -213,69 +165,200 @@ class TextStore:
 # --------------------------------------------------------------------------------------- shards
 
 
-class ShardReader:
-    """Random access to the samples of webdataset tars by key.
+@dataclass(frozen=True)
+class Member:
+    """A tar member's data: where it starts in the shard and how many bytes it has."""
 
-    The first read from a shard scans its tar headers (seeks only, no member data) into a table
-    key -> (first byte, end byte); a sample is then one read of its byte range. A table costs
-    about 150 bytes per sample and is kept for the reader's life.
+    offset: int
+    size: int
+
+
+class _Counted:
+    """A file object that adds the bytes read through it to its ShardReader's count."""
+
+    def __init__(self, handle, reader: ShardReader):
+        self.handle, self.reader = handle, reader
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.reader.bytes_read += len(data)
+        return data
+
+    def seek(self, *args) -> int:
+        return self.handle.seek(*args)
+
+    def tell(self) -> int:
+        return self.handle.tell()
+
+
+class ShardReader:
+    """Random access to the members of samples in webdataset tars, reading only what is asked for.
+
+    A sample's members (consecutive in the tar) are found from their tar headers: starting at the
+    byte range the index records, a few header reads; for an index without byte ranges (built from
+    jsonl lines written before prepare recorded them), from a scan of the whole shard's headers, done
+    on the first read from that shard and kept for the reader's life (a few hundred bytes a sample).
+    `bytes_read` counts every byte asked of the file system, headers included.
     """
 
     def __init__(self) -> None:
-        self._tables: dict[Path, dict[str, tuple[int, int]] | str] = {}  # a str: why it is unreadable
+        self._scans: dict[Path, tuple[dict[str, dict[str, Member]], bool] | str] = {}  # str: why unreadable
+        self.bytes_read = 0
 
-    def _scan(self, shard: Path) -> dict[str, tuple[int, int]] | str:
-        table: dict[str, tuple[int, int]] = {}
+    def open_sample(self, entry: IndexEntry) -> SampleFile:
+        """The sample's members in its open shard (close it, or use it as a context manager)."""
         try:
-            tar = tarfile.open(shard, mode="r:")
-        except (OSError, tarfile.TarError) as error:
+            handle = open(entry.shard, "rb", buffering=0)
+        except OSError as error:
+            raise BadSample("unreadable_shard", f"{type(error).__name__}: {error}") from error
+        try:
+            if entry.byte_range is None:
+                members = self._scanned(entry.shard, entry.key)
+            else:
+                members = self._walk(handle, entry.key, *entry.byte_range)
+        except BaseException:
+            handle.close()
+            raise
+        return SampleFile(handle, entry.key, members, self)
+
+    def _walk(self, handle, key: str, start: int, end: int) -> dict[str, Member]:
+        size = os.fstat(handle.fileno()).st_size
+        if size < end:
+            raise BadSample("truncated", f"the shard ends {end - size} bytes into this sample")
+        handle.seek(start)
+        members: dict[str, Member] = {}
+        try:
+            tar = tarfile.TarFile(fileobj=_Counted(handle, self), mode="r")
+            info = tar.firstmember
+            while info is not None and info.offset < end:
+                name_key, _, name = info.name.partition(".")
+                if name_key != key:
+                    raise BadSample("index_mismatch", f"the index's byte range {start}-{end} holds {info.name}")
+                members[name] = Member(info.offset_data, info.size)
+                info = tar.next() if tar.offset < end else None
+        except (tarfile.TarError, OSError) as error:
+            raise BadSample("undecodable", f"tar headers: {type(error).__name__}: {error}") from error
+        return members
+
+    def _scanned(self, shard: Path, key: str) -> dict[str, Member]:
+        if shard not in self._scans:
+            self._scans[shard] = self._scan(shard)
+        scan = self._scans[shard]
+        if isinstance(scan, str):
+            raise BadSample("unreadable_shard", scan)
+        table, damaged = scan
+        if key not in table:
+            raise BadSample("missing_sample", "not in the shard (or behind a damaged tar header)")
+        members = table[key]
+        if damaged and key == next(reversed(table)) and set(MEMBERS) - set(members):
+            raise BadSample("truncated", "the shard's tar ends inside this sample")
+        return members
+
+    def _scan(self, shard: Path) -> tuple[dict[str, dict[str, Member]], bool] | str:
+        table: dict[str, dict[str, Member]] = {}
+        try:
+            handle = open(shard, "rb")
+        except OSError as error:
             return f"{type(error).__name__}: {error}"
-        with tar:
+        try:
+            tar = tarfile.TarFile(fileobj=_Counted(handle, self), mode="r")
+        except (OSError, tarfile.TarError) as error:
+            handle.close()
+            return f"{type(error).__name__}: {error}"
+        damaged = False
+        with handle, tar:
             while True:
                 try:
                     info = tar.next()
                 except (OSError, tarfile.TarError):
                     # A cut or damaged tar: what was listed before stays readable; the samples
                     # after it are reported one by one (truncated / missing) when they are read.
+                    damaged = True
                     break
                 if info is None:
                     break
-                key = info.name.split(".", 1)[0]
-                start = table[key][0] if key in table else info.offset
-                # Member data is padded to whole tar blocks; the range ends at the padding's end.
-                table[key] = (start, info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
-        return table
+                key, _, name = info.name.partition(".")
+                table.setdefault(key, {})[name] = Member(info.offset_data, info.size)
+        return table, damaged
 
-    def read(self, shard: Path, key: str) -> dict[str, bytes]:
-        """The sample's members by name ('latents.npy', ...) plus '__key__'; BadSample on failure."""
-        if shard not in self._tables:
-            self._tables[shard] = self._scan(shard)
-        table = self._tables[shard]
-        if isinstance(table, str):
-            raise BadSample("unreadable_shard", table)
-        if key not in table:
-            raise BadSample("missing_sample", "not in the shard (or behind a damaged tar header)")
-        start, end = table[key]
-        with open(shard, "rb") as handle:
-            handle.seek(start)
-            data = handle.read(end - start)
-        if len(data) < end - start:
-            raise BadSample("truncated", f"the shard ends {end - start - len(data)} bytes into this sample")
-        members: dict[str, bytes] = {"__key__": key}
+
+class SampleFile:
+    """One sample's members in its open shard: whole members, npy headers, and frame ranges."""
+
+    def __init__(self, handle, key: str, members: dict[str, Member], reader: ShardReader):
+        self.handle, self.key, self.members, self.reader = handle, key, members, reader
+        missing = [name for name in MEMBERS if name not in members]
+        if missing:
+            handle.close()
+            raise BadSample("undecodable", f"sample {key} lacks {missing}")
+
+    def __enter__(self) -> SampleFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+    def _pread_into(self, buffer: memoryview, offset: int) -> None:
+        got = os.preadv(self.handle.fileno(), [buffer], offset)
+        self.reader.bytes_read += got
+        if got < len(buffer):
+            raise BadSample("truncated", f"the shard ends {len(buffer) - got} bytes short of member data")
+
+    def read(self, name: str) -> bytes:
+        member = self.members[name]
+        data = bytearray(member.size)
+        self._pread_into(memoryview(data), member.offset)
+        return bytes(data)
+
+    def array_header(self, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
+        """(shape, dtype, offset of the first data byte in the shard) of an .npy member."""
+        member = self.members[name]
+        head = bytearray(min(member.size, 128))
+        self._pread_into(memoryview(head), member.offset)
         try:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-                for info in tar:
-                    members[info.name.split(".", 1)[1]] = tar.extractfile(info).read()
-        except (tarfile.TarError, IndexError, AttributeError) as error:
-            raise BadSample("undecodable", f"tar members: {type(error).__name__}: {error}") from error
-        return members
+            stream = io.BytesIO(bytes(head))
+            version = np.lib.format.read_magic(stream)
+            width = 2 if version == (1, 0) else 4
+            length = len(np.lib.format.MAGIC_PREFIX) + 2 + width + int.from_bytes(head[8 : 8 + width], "little")
+            if length > len(head):
+                head = bytearray(min(length, member.size))
+                self._pread_into(memoryview(head), member.offset)
+                stream = io.BytesIO(bytes(head))
+                np.lib.format.read_magic(stream)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+            else:
+                raise ValueError(f"npy version {version}")
+        except (ValueError, SyntaxError, TypeError, EOFError) as error:
+            raise BadSample("undecodable", f"{name}: {type(error).__name__}: {error}") from error
+        if fortran or dtype.hasobject:
+            raise BadSample("undecodable", f"{name}: a Fortran-order or object array")
+        if length + int(np.prod(shape)) * dtype.itemsize > member.size:
+            raise BadSample("undecodable", f"{name}: {member.size} bytes, too few for shape {shape} {dtype}")
+        return tuple(shape), dtype, member.offset + length
+
+    def frames(self, name: str, header: tuple[tuple[int, ...], np.dtype, int], axis: int, start: int,
+               count: int) -> np.ndarray:
+        """Positions [start, start + count) along `axis` of an .npy member, reading only those bytes:
+        one contiguous range per index of the axes before `axis`."""
+        shape, dtype, data = header
+        leading = int(np.prod(shape[:axis]))
+        inner = int(np.prod(shape[axis + 1 :])) * dtype.itemsize
+        out = np.empty(leading * count * inner, dtype=np.uint8)
+        view, chunk = memoryview(out), count * inner
+        for block in range(leading):
+            self._pread_into(view[block * chunk : (block + 1) * chunk], data + (block * shape[axis] + start) * inner)
+        return out.view(dtype).reshape(*shape[:axis], count, *shape[axis + 1 :])
 
 
 # -------------------------------------------------------------------------------------- samples
 
 
 class SampleReader:
-    """Index entry -> EpisodeSample (float32 latents, padded text), checked against the index."""
+    """Index entry (and a frame range) -> EpisodeSample (float32 latents, padded text), checked
+    against the index: the shapes in the npy headers always, finiteness on the frames read."""
 
     def __init__(self, sources: Sequence[SourceIndex], *, text_tokens: int, latent_channels: int,
                  patch: tuple[int, int, int]):
@@ -285,13 +368,29 @@ class SampleReader:
         self.patch = patch
 
     def load(self, entry: IndexEntry) -> EpisodeSample:
-        """Raises BadSample with the reason when the sample is unreadable or inconsistent."""
-        members = self.shards.read(entry.shard, entry.key)
-        try:
-            latents, actions, action_mask, meta = decode_members(members)
-        except (KeyError, ValueError, TypeError, EOFError) as error:
-            raise BadSample("undecodable", f"{type(error).__name__}: {error}") from error
-        self._check(entry, latents, actions, action_mask, meta.key)
+        """The whole sample; raises BadSample with the reason when it is unreadable or inconsistent."""
+        return self.load_frames(entry, 0, entry.latent_frames)
+
+    def load_frames(self, entry: IndexEntry, start: int, frames: int) -> EpisodeSample:
+        """Latent frames [start, start + frames) of the sample and their action groups, reading only
+        those bytes of the latents and actions: latents [C, frames, h, w], actions [30, frames, N]."""
+        with self.shards.open_sample(entry) as sample:
+            try:
+                meta = SampleMeta(**json.loads(sample.read("meta.json")))
+                action_mask = np.load(io.BytesIO(sample.read("action_mask.npy")), allow_pickle=False)
+            except (KeyError, ValueError, TypeError, EOFError) as error:
+                raise BadSample("undecodable", f"{type(error).__name__}: {error}") from error
+            latents_header = sample.array_header("latents.npy")
+            actions_header = sample.array_header("actions.npy")
+            self._check(entry, latents_header[0], actions_header[0], action_mask.shape, meta.key)
+            if not 0 <= start < start + frames <= entry.latent_frames:
+                raise ValueError(f"frames {start}..{start + frames} outside the {entry.latent_frames} of {entry.key}")
+            latents = sample.frames("latents.npy", latents_header, 1, start, frames)
+            actions = sample.frames("actions.npy", actions_header, 1, start, frames)
+        if not np.isfinite(latents).all():
+            raise BadSample("non_finite", "NaN or inf in latents")
+        if not np.isfinite(actions).all():
+            raise BadSample("non_finite", "NaN or inf in actions")
         return EpisodeSample(
             key=entry.key,
             source=entry.source,
@@ -301,24 +400,21 @@ class SampleReader:
             text_emb=self.texts.get(entry.source, meta.text_id),
         )
 
-    def _check(self, entry: IndexEntry, latents, actions, action_mask, meta_key: str) -> None:
+    def _check(self, entry: IndexEntry, latents: tuple, actions: tuple, action_mask: tuple, meta_key: str) -> None:
+        """The checks on the shapes (from the npy headers) against the model and the index."""
         if meta_key != entry.key:
             raise BadSample("index_mismatch", f"meta.json names sample {meta_key}")
-        if latents.ndim != 4 or latents.shape[0] != self.latent_channels:
-            raise BadSample("undecodable", f"latents {latents.shape}, expected [{self.latent_channels}, F, h, w]")
-        if actions.ndim != 3 or actions.shape[0] != ACTION_DIM or action_mask.shape != (ACTION_DIM,):
-            raise BadSample("undecodable", f"actions {actions.shape} / action_mask {action_mask.shape}, "
+        if len(latents) != 4 or latents[0] != self.latent_channels:
+            raise BadSample("undecodable", f"latents {latents}, expected [{self.latent_channels}, F, h, w]")
+        if len(actions) != 3 or actions[0] != ACTION_DIM or action_mask != (ACTION_DIM,):
+            raise BadSample("undecodable", f"actions {actions} / action_mask {action_mask}, "
                             f"expected [{ACTION_DIM}, F, N] / [{ACTION_DIM}]")
-        frames = latents.shape[1]
-        if actions.shape[1] != frames:
-            raise BadSample("length_mismatch", f"latents have {frames} frames, actions {actions.shape[1]}")
+        frames = latents[1]
+        if actions[1] != frames:
+            raise BadSample("length_mismatch", f"latents have {frames} frames, actions {actions[1]}")
         if frames != entry.latent_frames:
             raise BadSample("index_mismatch", f"index says {entry.latent_frames} latent frames, shard has {frames}")
-        video_tokens = (latents.shape[2] // self.patch[1]) * (latents.shape[3] // self.patch[2])
-        if video_tokens + actions.shape[2] != entry.tokens_per_frame:
+        video_tokens = (latents[2] // self.patch[1]) * (latents[3] // self.patch[2])
+        if video_tokens + actions[2] != entry.tokens_per_frame:
             raise BadSample("index_mismatch", f"index says {entry.tokens_per_frame} tokens per frame, shard has "
-                            f"{video_tokens} video + {actions.shape[2]} action tokens at patch {self.patch}")
-        if not np.isfinite(latents).all():
-            raise BadSample("non_finite", "NaN or inf in latents")
-        if not np.isfinite(actions).all():
-            raise BadSample("non_finite", "NaN or inf in actions")
+                            f"{video_tokens} video + {actions[2]} action tokens at patch {self.patch}")

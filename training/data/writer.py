@@ -20,6 +20,7 @@ from pathlib import Path
 import webdataset as wds
 
 from lbva.training.data.format import FORMAT_VERSION, SampleMeta
+from lbva.training.data.index import sample_ranges
 from lbva.errors import UserError
 
 VERSIONED_PACKAGES = ("lingbot-va-pretrain", "torch", "diffusers", "transformers", "webdataset", "numpy",
@@ -100,10 +101,18 @@ def update_card(out: Path, source: str, encoders: dict, entry: dict) -> None:
         write_atomic(path, json.dumps(card, indent=1).encode())
 
 
-def index_line(meta: SampleMeta, shard: str) -> str:
-    """One index line; `shard` is relative to OUT and `tokens` counts one copy of all latent frames."""
+def index_line(meta: SampleMeta, shard: str, byte_range: tuple[int, int]) -> str:
+    """One index line; `shard` is relative to OUT, `tokens` counts one copy of all latent frames and
+    offset/size give the sample's bytes in the shard tar (so a reader seeks straight to it)."""
     return json.dumps({"key": meta.key, "source": meta.source, "shard": shard, "episode": meta.episode,
-                       "frames": meta.latent_frames, "tokens": meta.latent_frames * meta.tokens_per_frame})
+                       "frames": meta.latent_frames, "tokens": meta.latent_frames * meta.tokens_per_frame,
+                       "offset": byte_range[0], "size": byte_range[1] - byte_range[0]})
+
+
+def shard_lines(out: Path, shard: str, metas: list[SampleMeta]) -> list[str]:
+    """The index lines of a committed shard's samples, with their byte ranges read from its tar headers."""
+    ranges = sample_ranges(out / shard)
+    return [index_line(meta, shard, ranges[meta.key]) for meta in metas]
 
 
 class TaskIndex:
@@ -125,8 +134,9 @@ class TaskIndex:
             del self.lines[shard]
         for shard in missing:
             with tarfile.open(self.out / shard) as tar:
-                self.lines[shard] = [index_line(SampleMeta(**json.load(tar.extractfile(member))), shard)
-                                     for member in tar.getmembers() if member.name.endswith(".meta.json")]
+                metas = [SampleMeta(**json.load(tar.extractfile(member)))
+                         for member in tar.getmembers() if member.name.endswith(".meta.json")]
+            self.lines[shard] = shard_lines(self.out, shard, metas)
         if stale or missing:
             self._write()
 
