@@ -10,11 +10,9 @@ with workers, the main process only receives). Each setting is timed `repeats` t
 median is reported, with the load average, since other processes may share the machine.
 
 GPU side, for the `lingbot-va-5b-mot` preset at 40% MFU of an H100 SXM (989 TFLOP/s bf16 dense):
-    FLOPs per token = 6 * P + 12 * layers * d_attn * (rho * L + T_text)
-P = 5,429,941,214 parameters; 12 * layers * d_attn per attended key = forward QK^T and AV
-(2 * 2 * d_attn multiply-adds) times 3 for forward + backward; L = token budget; rho = allowed
-(query, key) pairs / L^2 of the spec 2.3 self-attention mask, measured on this benchmark's packed
-sequences with K ~ U{1..4}, W ~ U{4..64}; T_text = 512 text keys per token (cross-attention).
+the model FLOPs per real token of parallelism/flops.py (the one convention of `lbva plan` and
+bench/step_throughput.py), with the mean number of keys a query attends measured on this
+benchmark's packed sequences under the spec 2.3 mask, K ~ U{1..4}, W ~ U{4..64}.
 """
 
 from __future__ import annotations
@@ -34,10 +32,11 @@ from safetensors.torch import save_file
 
 from lbva.models.config import get_preset
 from lbva.models.masks import TokenLayout, self_attention_rule
+from lbva.parallelism.flops import SequenceMix, training_flops_per_token
 from lbva.training.data.format import EMPTY_TEXT_ID, SampleMeta, encode_members, sample_key, text_id
 from lbva.training.data.loader import PackedLoader, PreparedStream
 
-PRESET, PARAMETERS = "lingbot-va-5b-mot", 5_429_941_214
+PRESET = "lingbot-va-5b-mot"
 H100_BF16_PEAK, MFU = 989e12, 0.40
 LATENT_SHAPE = (48, 16, 48)  # channels, height, width of 3 tiled 256x256 cameras
 ACTIONS_PER_FRAME, TEXT_SHAPE, TEXT_TOKENS = 16, (512, 4096), 512
@@ -101,11 +100,12 @@ def plan_rate_and_efficiency(root: Path, sequences: int) -> tuple[float, float]:
     return sequences / (time.perf_counter() - started), used / (sequences * TOKEN_BUDGET)
 
 
-def mask_density(root: Path, sequences: int, draws: int, seed: int = 0) -> float:
-    """Allowed self-attention pairs / L^2 (L = token budget) over packed sequences and (K, W) draws."""
+def attended_keys(root: Path, sequences: int, draws: int, seed: int = 0) -> float:
+    """Mean keys a real query attends under the self-attention mask, over packed sequences and
+    (K, W) draws."""
     generator = torch.Generator().manual_seed(seed)
     iterator = iter(PackedLoader(make_stream(root)))
-    densities = []
+    means = []
     for _ in range(sequences):
         seq = next(iterator)
         for _ in range(draws):
@@ -122,14 +122,18 @@ def mask_density(root: Path, sequences: int, draws: int, seed: int = 0) -> float
             allowed = 0
             for rows in torch.arange(layout.length).split(512):  # 512 query rows at a time bound memory
                 allowed += int((self_attention_rule(layout, 0, rows[:, None], keys) & real[rows][:, None]).sum())
-            densities.append(allowed / TOKEN_BUDGET**2)
-    return float(np.mean(densities))
+            means.append(allowed / int(real.sum()))
+    return float(np.mean(means))
 
 
-def gpu_tokens_per_second(density: float) -> tuple[float, float]:
-    config = get_preset(PRESET)
-    attention = 12 * config.num_layers * config.attention_width * (density * TOKEN_BUDGET + TEXT_TOKENS)
-    flops_per_token = 6 * PARAMETERS + attention
+def gpu_tokens_per_second(keys: float) -> tuple[float, float]:
+    """(model FLOPs per token by parallelism/flops.py, tokens/s of one H100 at MFU)."""
+    mix = SequenceMix(
+        token_budget=TOKEN_BUDGET, video_tokens_per_frame=(LATENT_SHAPE[1] // 2) * (LATENT_SHAPE[2] // 2),
+        actions_per_frame=ACTIONS_PER_FRAME, window_frames=WINDOW_FRAMES, text_tokens=TEXT_TOKENS,
+        pad_multiple=PAD_MULTIPLE,
+    )
+    flops_per_token = training_flops_per_token(get_preset(PRESET), mix, attended_keys=keys)
     return flops_per_token, MFU * H100_BF16_PEAK / flops_per_token
 
 
@@ -148,8 +152,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         size = write_dataset(root, args.sources, args.episodes, args.texts)
-        density = mask_density(root, sequences=2, draws=4)
-        flops_per_token, gpu_rate = gpu_tokens_per_second(density)
+        keys = attended_keys(root, sequences=2, draws=4)
+        flops_per_token, gpu_rate = gpu_tokens_per_second(keys)
         plan_rate, efficiency = plan_rate_and_efficiency(root, 2000)
         load = os.getloadavg()
         rows = []
@@ -163,7 +167,7 @@ def main() -> None:
     print(f"dataset: {args.sources} sources x {args.episodes} episodes, {size / 1e6:.0f} MB; "
           f"budget {TOKEN_BUDGET} tokens")
     print(f"packing efficiency (real tokens / budget): {efficiency:.3f}; plan: {plan_rate:,.0f} sequences/s (metadata)")
-    print(f"mask density rho: {density:.4f}; FLOPs/token: {flops_per_token / 1e9:.2f} G; "
+    print(f"keys per query: {keys:,.0f}; FLOPs/token (parallelism/flops.py): {flops_per_token / 1e9:.2f} G; "
           f"H100 at {MFU:.0%} MFU consumes {gpu_rate:,.0f} tokens/s")
     print(f"{'workers':>8} {'tokens/s':>12} {'per worker':>12} {'x one GPU':>10}")
     for row in rows:
@@ -174,7 +178,7 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "load_average": load[0], "dataset_bytes": size, "packing_efficiency": efficiency,
             "plan_sequences_per_s": plan_rate,
-            "mask_density": density, "flops_per_token": flops_per_token, "gpu_tokens_per_s": gpu_rate, "loader": rows,
+            "attended_keys": keys, "flops_per_token": flops_per_token, "gpu_tokens_per_s": gpu_rate, "loader": rows,
         }, indent=1))
 
 

@@ -8,6 +8,7 @@ the single switch point for kernels, and the seam where context parallelism wrap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Callable, Literal
 
 import torch
@@ -75,13 +76,40 @@ def sdpa_kernel(mask: torch.Tensor | None) -> AttentionKernel:
     return attend
 
 
-def flex_kernel(block_mask, compiled: bool) -> AttentionKernel:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    fn = torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
+def prefix_sdpa_kernel(mask: torch.Tensor) -> AttentionKernel:
+    """SDPA whose Lq queries are the first Lq rows of `mask` [B, 1, L, Lk]: the mask is cut to the
+    query's length when the kernel runs, so one mask (data, not a length-keyed cache) serves any
+    query prefix and a compiled caller sees only tensor shapes."""
 
     def attend(q, k, v):
-        return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask).transpose(1, 2)
+        return sdpa_kernel(mask[:, :, : q.shape[1]])(q, k, v)
+
+    return attend
+
+
+@cache
+def _compiled_flex_attention():
+    """One compiled flex_attention per process: a new torch.compile wrapper per step would be a new
+    object for the depths' compiled graphs to guard on."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def flex_kernel(block_mask, compiled: bool, prefix: bool = False) -> AttentionKernel:
+    """FlexAttention over `block_mask`. prefix: the Lq queries are the first Lq rows of the mask
+    (the cross-attention of the MoT's video tokens), cropped when the kernel runs.
+
+    q and k are cast to v's dtype: RoPE leaves them in float32 under bf16 autocast, and the
+    compiled kernel needs one dtype for all three."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _compiled_flex_attention() if compiled else flex_attention
+
+    def attend(q, k, v):
+        mask = block_mask._adjust(q.shape[1], k.shape[1]) if prefix else block_mask
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask).transpose(1, 2)
 
     return attend
 
@@ -100,38 +128,23 @@ class AttentionKernels:
     cross_attention: AttentionKernel
 
 
-def _prefix_cross_kernel(token_sample: torch.Tensor, text_sample: torch.Tensor, make_kernel) -> AttentionKernel:
-    """Cross-attention over the first Lq tokens of the joint sequence: all of it in the shared
-    layout, the video tokens (which come first) in the MoT. Masks are built once per query length."""
-    kernels: dict[int, AttentionKernel] = {}
-
-    def attend(q, k, v):
-        length = q.shape[1]
-        if length not in kernels:
-            kernels[length] = make_kernel(token_sample[:, :length].contiguous(), text_sample)
-        return kernels[length](q, k, v)
-
-    return attend
-
-
 def build_kernels(
     layout: TokenLayout, token_sample: torch.Tensor, text_sample: torch.Tensor, backend: Backend
 ) -> AttentionKernels:
     """Kernels for one step: the self-attention mask from the layout, the cross-attention mask from
-    the sample ids of the tokens [B, L] (video first) and of the text tokens [B, T]."""
+    the sample ids of the tokens [B, L] (video first) and of the text tokens [B, T].
+
+    Every mask is built here, before the model runs, so a compiled depth receives masks as data.
+    Cross-attention queries are a prefix of the tokens (all of them in the shared layout, the video
+    tokens in the MoT): its mask covers all L tokens and the kernel cuts it to the query length."""
     chosen = resolve_backend(backend, layout.sample_id.device)
     if chosen == "flex":
         on_cuda = layout.sample_id.device.type == "cuda"
         return AttentionKernels(
             flex_kernel(flex_self_attention_mask(layout, compile_mask=on_cuda), compiled=on_cuda),
-            _prefix_cross_kernel(
-                token_sample, text_sample,
-                lambda tokens, text: flex_kernel(flex_cross_attention_mask(tokens, text, on_cuda), compiled=on_cuda),
-            ),
+            flex_kernel(flex_cross_attention_mask(token_sample, text_sample, on_cuda), compiled=on_cuda, prefix=True),
         )
     return AttentionKernels(
         sdpa_kernel(dense_self_attention_mask(layout)),
-        _prefix_cross_kernel(
-            token_sample, text_sample, lambda tokens, text: sdpa_kernel(dense_cross_attention_mask(tokens, text))
-        ),
+        prefix_sdpa_kernel(dense_cross_attention_mask(token_sample, text_sample)),
     )

@@ -7,7 +7,7 @@ so the two kernels cannot disagree about the layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,7 +30,7 @@ class TokenLayout:
     sample_id: torch.Tensor  # long, PADDING for padding tokens
     chunk_id: torch.Tensor  # long
     role: torch.Tensor  # long: CLEAN, NOISY or NOISY_FDM
-    window: int  # attention window W in chunk-id units
+    window: int  # attention window W in chunk-id units (a 0-d tensor in the flex mask_mod)
 
     @property
     def batch_size(self) -> int:
@@ -94,6 +94,10 @@ def dense_cross_attention_mask(token_sample: torch.Tensor, text_sample: torch.Te
 def flex_self_attention_mask(layout: TokenLayout, compile_mask: bool = False):
     """FlexAttention BlockMask for the same rule (block-sparse: skipped blocks cost nothing)."""
     from torch.nn.attention.flex_attention import create_block_mask
+
+    # The window as a tensor: the mask_mod also runs inside the compiled attention kernel, where a
+    # Python int that changes every step would be a constant to recompile for.
+    layout = replace(layout, window=torch.tensor(layout.window, device=layout.sample_id.device))
 
     def mask_mod(b, h, q_idx, kv_idx):
         return self_attention_rule(layout, b, q_idx, kv_idx)

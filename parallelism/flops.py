@@ -1,9 +1,19 @@
 """Model FLOPs of a LingBot-VA training step, from the model's shapes and the packed sequence.
 
-Shared by `lbva plan` (predicted MFU) and bench/step_throughput.py (measured MFU), so both divide by
-the same number. "Model FLOPs" count the work the model needs, not what the hardware does: no
-activation recompute, and attention counts only the (query, key) pairs the spec 2.3 mask allows,
-not the whole 128 x 128 blocks a block-sparse kernel visits.
+The project's one FLOPs convention: `lbva plan` (predicted MFU), bench/step_throughput.py (measured
+MFU) and bench/data_throughput.py (what one GPU consumes) all divide by `training_flops_per_token`.
+It counts "model FLOPs", the work the model needs, not what the hardware does:
+- 2 FLOPs per multiply-add of every matrix multiply of the forward, each applied to the tokens it
+  really sees: a stream's block weights to that stream's tokens, the text projections and the
+  cross-attention k/v to the text tokens, embedders and heads to their modality's tokens;
+- attention QK^T and PV only over the (query, key) pairs the spec 2.3 mask allows, not the whole
+  128 x 128 blocks a block-sparse kernel visits; cross-attention over each token's own text;
+- training = 3 x forward (backward computes input and weight gradients of every matmul); no
+  activation recompute, no elementwise work (norms, softmax, RoPE, the optimizer);
+- per real (non-padding) token of the sequence.
+It is not "6 x parameters + attention": that charges every parameter to every token (the action
+stream's weights to video tokens, the text projection to every sequence token), 35.4 against this
+count's 28.1 GFLOP/token for the 5B MoT at 10K tokens, so MFUs of the two do not compare.
 """
 
 from __future__ import annotations

@@ -17,10 +17,13 @@ blocks hold a depth's parameters and which one method runs it on the DepthState.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-from lbva.models.attention import Backend
-from lbva.models.blocks import Depth
+import torch
+from torch.fx.experimental import _config as fx_config
+
+from lbva.models.attention import AttentionKernels, Backend
+from lbva.models.blocks import Depth, DepthState
 from lbva.models.mot import ModelPieces
 
 from .activation_checkpoint import apply_activation_checkpointing
@@ -37,10 +40,34 @@ def compile_enabled(config: ParallelConfig, device_type: str) -> bool:
 
 def apply_compile(depths: list[Depth]) -> None:
     """Compile each depth on its own: the depths share code and dynamo takes their parameters as
-    graph inputs, so they reuse the same graphs (two for 6 tiny depths) and compile time does not
-    grow with the depth count."""
+    graph inputs, so they reuse the same graphs and compile time does not grow with the depth
+    count. See `compiled_depth` for what keeps the graphs valid from step to step."""
     for depth in depths:
-        depth.wrap(torch.compile)
+        depth.wrap(compiled_depth)
+
+
+def compiled_depth(run: Callable) -> Callable:
+    """`run` (a depth's method: (state, kernels, *blocks) -> streams) compiled once for every packed
+    length, so a run compiles one graph for training and one for evaluation (no_grad), not one per
+    length. What used to recompile, and what avoids it:
+
+    - lengths: every sequence dim is dynamic from the first call (dynamic=True). Without duck
+      shaping, so that two lengths equal by chance in one step (video and action tokens, say) do
+      not become one symbol that a later step breaks.
+    - masks: built before the depths (models/attention.py build_kernels) and read by the kernels
+      as tensors, whose shapes are all a graph guards on.
+    - the streams: the first depth receives views (the embedders' outputs), the later ones the
+      outputs of a depth; dynamo guards on a view's base, so the first depth's graph would not
+      serve the others. The first depth gets copies.
+    """
+    compiled = torch.compile(run, dynamic=True)
+
+    def call(state: DepthState, kernels: AttentionKernels, *blocks):
+        state = state.with_streams(tuple(x if x._base is None else x.clone() for x in state.streams))
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(state, kernels, *blocks)
+
+    return call
 
 
 def parallelize(model: ModelPieces, mesh: ParallelMesh, config: ParallelConfig) -> ModelPieces:

@@ -5,10 +5,10 @@ import itertools
 import pytest
 import torch
 
-from lbva.models.attention import flex_kernel, sdpa_kernel
+from lbva.models.attention import flex_kernel, prefix_sdpa_kernel, sdpa_kernel
 from lbva.models.masks import (
     CLEAN, NOISY, NOISY_FDM, PADDING, TokenLayout, dense_cross_attention_mask, dense_self_attention_mask,
-    flex_self_attention_mask,
+    flex_cross_attention_mask, flex_self_attention_mask,
 )
 
 
@@ -119,3 +119,30 @@ def test_flex_attention_forward_equals_dense_sdpa(seed):
     flex = flex_kernel(flex_self_attention_mask(layout), compiled=False)(q, k, v)
     real = layout.sample_id[0] != PADDING
     assert torch.allclose(flex[:, real], dense[:, real], atol=1e-5, rtol=0)
+
+
+def _cross_attention_case(seed: int, queries: int):
+    """Token sample ids [1, 200] with padding, text sample ids [1, 24], and q of the first `queries`
+    tokens with k, v of the text."""
+    generator = torch.Generator().manual_seed(seed)
+    token_sample = torch.randint(-1, 3, (1, 200), generator=generator)
+    text_sample = torch.arange(3).repeat_interleave(8)[None]
+    q = torch.randn(1, queries, 2, 16, generator=generator)
+    k, v = (torch.randn(1, 24, 2, 16, generator=generator) for _ in range(2))
+    return token_sample, text_sample, q, k, v
+
+
+@pytest.mark.parametrize("queries", [200, 136])
+def test_a_cross_attention_mask_of_all_tokens_serves_any_query_prefix(queries):
+    token_sample, text_sample, q, k, v = _cross_attention_case(0, queries)
+    whole = prefix_sdpa_kernel(dense_cross_attention_mask(token_sample, text_sample))(q, k, v)
+    own = sdpa_kernel(dense_cross_attention_mask(token_sample[:, :queries], text_sample))(q, k, v)
+    assert torch.equal(whole, own)
+
+
+@pytest.mark.parametrize("queries", [200, 136])
+def test_flex_cross_attention_of_a_query_prefix_equals_dense_sdpa(queries):
+    token_sample, text_sample, q, k, v = _cross_attention_case(1, queries)
+    dense = sdpa_kernel(dense_cross_attention_mask(token_sample[:, :queries], text_sample))(q, k, v)
+    flex = flex_kernel(flex_cross_attention_mask(token_sample, text_sample), compiled=False, prefix=True)(q, k, v)
+    assert torch.allclose(flex, dense, atol=1e-5, rtol=0)
