@@ -26,15 +26,13 @@ from safetensors.torch import load_file
 from lbva.models.config import get_preset
 from lbva.models.masks import NOISY
 from lbva.models.mot import LingBotVA
-from lbva.models.patching import input_to_output_order
-from lbva.training.baselines import channel_statistics, gaussian_prior_velocity
+from lbva.training.baselines import channel_statistics, score_against_prior
 from lbva.training.config import TrainConfig
 from lbva.training.config_io import load_config
 from lbva.training.data.loader import PreparedStream
 from lbva.training.data.reader import SampleReader, read_index
 from lbva.training.step import FlowMatchingObjective
 from lbva.training.trainer import sequence_generator
-from lbva.models.attention import build_kernels
 
 
 def score(config: TrainConfig, model: LingBotVA, prepared: list[Path], sequences: int, seed: int) -> dict:
@@ -42,8 +40,7 @@ def score(config: TrainConfig, model: LingBotVA, prepared: list[Path], sequences
     reader = SampleReader(sources, text_tokens=config.data.text_tokens, latent_channels=model.config.in_channels,
                           patch=model.config.patch_size)
     mean_c, var_c = channel_statistics([reader.load(e).latents for s in sources for e in s.entries])
-    volume, patch = model.config.patch_volume, model.config.patch_size
-    mean, variance = mean_c.repeat_interleave(volume), var_c.repeat_interleave(volume)  # channel-major tokens
+    patch = model.config.patch_size
     stream = PreparedStream(
         prepared, rank=0, world_size=1, latent_channels=model.config.in_channels, text_tokens=config.data.text_tokens,
         weights=config.data.weights(), on_error="fail", patch=patch, window_frames=config.data.window_frames,
@@ -53,22 +50,15 @@ def score(config: TrainConfig, model: LingBotVA, prepared: list[Path], sequences
     objective = FlowMatchingObjective(config.objective, stream.empty_text)
     weight, bias = model.proj_out.weight.detach(), model.proj_out.bias.detach()
     span, _ = torch.linalg.qr(weight)  # [D, width] orthonormal basis of the output layer's columns
+    drawn = [(item.sequence, objective.draw(item.sequence, sequence_generator(seed, 10_000 + index, 0)))
+             for index, item in zip(range(sequences), iter(stream))]
     rows = []
-    model.eval()
-    for index, item in zip(range(sequences), iter(stream)):
-        draws = objective.draw(item.sequence, sequence_generator(seed, 10_000 + index, 0))
-        batch = objective.prepare(item.sequence, draws, patch, torch.device("cpu"))
-        kernels = build_kernels(batch.layout, batch.layout.sample_id, batch.text_sample, "sdpa")
-        with torch.no_grad():
-            video_pred, action_pred = model(batch.inputs, kernels)
-        sigma = batch.inputs.video_timesteps[0][:, None] / 1000.0
-        prior = input_to_output_order(gaussian_prior_velocity(batch.inputs.video_tokens[0], sigma, mean, variance),
-                                      patch)
-        target = batch.targets.video_target
+    for scored in score_against_prior(objective, model, drawn, mean_c, var_c):
+        target = scored.batch.targets.video_target
         best_in_span = bias + (target - bias) @ span @ span.T
-        noisy = batch.targets.video_role == NOISY
-        rows.append([objective.losses(batch.targets, p, action_pred[0]).video.item()
-                     for p in (video_pred[0], prior, best_in_span)] + [target[noisy].var().item()])
+        noisy = scored.batch.targets.video_role == NOISY
+        floor = objective.losses(scored.batch.targets, best_in_span, scored.action_pred).video.item()
+        rows.append([*scored.video_losses(objective), floor, target[noisy].var().item()])
     model_loss, prior_loss, floor, target_var = torch.tensor(rows).mean(0).tolist()
     return {"fm_video": model_loss, "fm_video_gaussian_prior": prior_loss, "fm_video_rank_floor": floor,
             "target_variance": target_var, "latent_variance": float(var_c.mean()),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lbva.checkpoints_tools import cli as checkpoints_cli
 from lbva.errors import UserError
+from lbva.evaluation import cli as evaluation_cli
 from lbva.inference import cli as inference_cli
 from lbva.parallelism import plan
 from lbva.training import cli as training_cli
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="lbva", description="Pretraining of LingBot-VA video-action world models.")
     commands = parser.add_subparsers(dest="command", required=True)
     register(commands)  # train, launch
-    training_cli.register(commands)  # model-info, demo
+    training_cli.register(commands)  # model-info
+    evaluation_cli.register(commands)  # eval, demo
     data_cli.register(commands)  # data prepare, data demo
     plan.register(commands, load_recipe=_load_recipe)  # plan
     # `export` gathers what two packages write from a checkpoint; neither imports the other.

@@ -65,6 +65,15 @@ class WanVideoEncoder:
         mean = self.vae.encode(pixels.to(self.device)).latent_dist.mean.float()
         return ((mean - self.mean) / self.std).cpu()
 
+    @torch.no_grad()
+    def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [z, F, h, w] -> uint8 [F, H, W, 3]: the decoded video's first frame
+        and then the last frame of each latent frame's group of `temporal_factor` frames."""
+        raw = latents[None].to(self.device) * self.std + self.mean
+        video = self.vae.decode(raw).sample[0].float().clamp(-1, 1)  # [3, 1 + 4(F-1), H, W]
+        chosen = video[:, :: self.temporal_factor]
+        return ((chosen.permute(1, 2, 3, 0) + 1.0) * 127.5).round().to(torch.uint8).cpu()
+
 
 class UMT5TextEncoder:
     """umT5: texts -> last hidden states cut to each text's tokens (EOS included), float32 on the CPU."""

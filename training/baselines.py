@@ -13,7 +13,16 @@ about the world beyond the marginal statistics of its latents.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from lbva.models.attention import build_kernels
+from lbva.models.mot import LingBotVA
+from lbva.models.patching import input_to_output_order
+
+from .data.packing import PackedSequence
+from .step import FlowMatchingObjective, StepBatch, StepDraws
 
 
 def gaussian_prior_velocity(
@@ -30,3 +39,39 @@ def channel_statistics(latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch
     """Per-channel mean and variance over latents [C, F, h, w] of any frame counts and sizes."""
     flat = torch.cat([x.float().flatten(1) for x in latents], dim=1).double()
     return flat.mean(1).float(), flat.var(1).float()
+
+
+@dataclass
+class ScoredSequence:
+    """One sequence's model output beside its Gaussian-prior prediction, on the same draws."""
+
+    batch: StepBatch
+    video_pred: torch.Tensor  # [Lv, D] the model's, head order
+    action_pred: torch.Tensor  # [La, 30]
+    prior_video_pred: torch.Tensor  # [Lv, D] the Gaussian prior's, head order
+
+    def video_losses(self, objective: FlowMatchingObjective) -> tuple[float, float]:
+        """(model, prior) video flow-matching losses of the objective."""
+        return tuple(objective.losses(self.batch.targets, p, self.action_pred).video.item()
+                     for p in (self.video_pred, self.prior_video_pred))
+
+
+@torch.no_grad()
+def score_against_prior(objective: FlowMatchingObjective, model: LingBotVA, sequences: list[tuple[PackedSequence, StepDraws]],
+                        mean_c: torch.Tensor, var_c: torch.Tensor) -> list[ScoredSequence]:
+    """The model (one process, eval mode) and the per-channel Gaussian prior (channel mean and
+    variance of the training latents) on each (sequence, draws)."""
+    model.eval()
+    patch = model.config.patch_size
+    volume = patch[0] * patch[1] * patch[2]
+    mean, variance = mean_c.repeat_interleave(volume), var_c.repeat_interleave(volume)  # channel-major tokens
+    scored = []
+    for seq, draws in sequences:
+        batch = objective.prepare(seq, draws, patch, torch.device("cpu"))
+        kernels = build_kernels(batch.layout, batch.layout.sample_id, batch.text_sample, "sdpa")
+        video_pred, action_pred = model(batch.inputs, kernels)
+        sigma = batch.inputs.video_timesteps[0][:, None] / 1000.0
+        prior = input_to_output_order(gaussian_prior_velocity(batch.inputs.video_tokens[0], sigma, mean, variance),
+                                      patch)
+        scored.append(ScoredSequence(batch, video_pred[0], action_pred[0], prior))
+    return scored

@@ -1,9 +1,13 @@
-"""The embedded demo, end to end on the real data path with tiny random encoders:
+"""The embedded demo, end to end on the real data path:
 
-generated LeRobot v2.1 pushing world -> tiny Wan2.2-geometry VAE + tiny umT5 (random, seeded) ->
+generated LeRobot v2.1 pushing world -> stand-in encoders (the Wan2.2 latent geometry by fixed
+pooling, which decodes back to recognisable frames, so the evaluation's pictures show the world) ->
 `lbva data prepare` shards -> training of the demo-mot preset (config DEMO_BASE) on two processes
-(FSDP dp_shard 2, gloo on CPU).
+(FSDP dp_shard 2, gloo on CPU). `lbva demo` then evaluates the result (evaluation/).
 Every stage is skipped when its output exists, so a second `lbva demo` only trains.
+
+The tiny random Wan2.2 VAE and umT5 (data/tiny_models.py) run the real diffusers / transformers
+path in the tests; a random VAE is not a codec, so the demo's pictures could not be decoded from it.
 """
 
 from __future__ import annotations
@@ -12,49 +16,35 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
 from lbva.models.encoders import EncoderChoice
 
 from .config import TrainConfig
 from .config_io import dump_toml
-from .data.demo_world import GOAL_DIRECTIONS, generate_demo_dataset, simulate_episode
+from .data.demo_world import generate_demo_dataset
 from .data.prepare import PrepareConfig, prepare
-from .data.tiny_models import write_tiny_umt5, write_tiny_wan_vae
 from lbva.errors import UserError
 from .metrics import read_metrics
 from .trainer import train
 
-DEMO_WORDS = "push the red green blue block to left right top bottom".split()
+DEMO_TEXT_DIM = 32  # the demo-mot preset's text_dim
 
 
 def prepare_demo_data(config: TrainConfig, root: Path, episodes: int, frames: int, console: Console) -> None:
     """Generate, encode and shard the demo dataset into config.data.prepared[0] unless it exists."""
     prepared = config.data.prepared[0]
-    lerobot, vae, umt5 = root / "demo-lerobot", root / "demo-models" / "vae", root / "demo-models" / "umt5"
+    lerobot = root / "demo-lerobot"
     if not (lerobot / "meta" / "info.json").exists():
         console.print(f"generating the pushing world: {episodes} episodes -> {lerobot}")
         generate_demo_dataset(lerobot, num_episodes=episodes, frames_per_episode=frames, seed=0)
-    if not (vae / "config.json").exists():
-        write_tiny_wan_vae(vae, calibration_clips=calibration_clips(frames))
-    if not (umt5 / "config.json").exists():
-        write_tiny_umt5(umt5, DEMO_WORDS + list(GOAL_DIRECTIONS), d_model=32)
     if not (prepared / "card.json").exists():
-        console.print(f"preparing shards with the tiny VAE and umT5 -> {prepared}")
+        console.print(f"preparing shards with the stand-in encoders -> {prepared}")
         report = prepare(PrepareConfig(
             src=lerobot, out=prepared, source="pusher", target_fps=config.data.target_fps, action_channels=[0, 1],
-            heights=[128], widths=[128], encoders=EncoderChoice("real", vae=vae, text_encoder=umt5), workers=2,
+            heights=[128], widths=[128], encoders=EncoderChoice("standin", standin_text_dim=DEMO_TEXT_DIM), workers=2,
         ))
         console.print(f"prepared {report.samples_written} samples in {report.shards_written} shard(s)")
-
-
-def calibration_clips(frames: int, count: int = 8) -> list[np.ndarray]:
-    """Clips of the pushing world (episodes of their own seed, not the dataset's) on which the tiny
-    VAE's latent statistics are computed: 1 + 4k frames each, at most `frames`."""
-    rng = np.random.default_rng(12345)
-    length = 1 + 4 * ((min(frames, 33) - 1) // 4)
-    return [simulate_episode(rng, length).frames for _ in range(count)]
 
 
 def world_size_of(config: TrainConfig) -> int:

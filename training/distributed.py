@@ -81,6 +81,15 @@ def mean_over(value: float, group, device: torch.device) -> float:
     return float(tensor) / dist.get_world_size(group)
 
 
+def sum_over(values: list[float], group, device: torch.device) -> list[float]:
+    """The element-wise sum of a list of floats over a process group, in one all-reduce."""
+    if group is None:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, group=group)
+    return tensor.tolist()
+
+
 def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     """run.device: "auto" (this rank's GPU when there is one), "cuda" or "cpu"."""
     if choice == "cuda" and not torch.cuda.is_available():

@@ -8,12 +8,15 @@ run requeued several times still gets one curve from step 0.
 Files under `run_dir`:
 - `metrics.jsonl`: one JSON object per `log` call, {"step", "time" (unix seconds), **metrics}.
   Opened in append mode, so a resumed run continues the same file.
-- `loss_curve.png`: every "loss*" metric against step, written by `close()`.
+- `loss_curve.png`: every "loss*" metric and the per-source validation video and action losses
+  ("val/SOURCE/video", "val/SOURCE/action") against step, written by `close()`.
 - `wandb/`: wandb's own run folder, for modes "online" and "offline".
 
 Console line: step/total, then the loss terms (keys starting with "loss", total "loss" first),
 grad_norm, lr, tokens_per_s, then every other metric as `key value`, then the ETA. Unknown
-metrics are printed rather than skipped, so nothing the trainer measures is invisible.
+metrics are printed rather than skipped, so nothing the trainer measures is invisible; only the
+per-source breakdowns (keys with a "/", e.g. "val/SOURCE/video") stay off the console, which keeps
+one line at six sources, and go to metrics.jsonl, wandb and the curve.
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ class MetricsLogger:
             line.append(f"  tok/s {values['tokens_per_s']:,.0f}")
         shown = set(_loss_keys(values)) | set(_KNOWN_KEYS)
         for key, value in values.items():
-            if key not in shown:
+            if key not in shown and "/" not in key:
                 line.append(f"  {key} {value:.4g}")
         line.append(f"  eta {self._eta(step)}", style="cyan")
         return line
@@ -215,7 +218,7 @@ def write_loss_curve(metrics_path: Path, png_path: Path, title: str) -> None:
     # step -> value per loss key; later records overwrite earlier ones for the same step.
     curves: dict[str, dict[int, float]] = {}
     for record in read_metrics(metrics_path):
-        for key in _loss_keys(record):
+        for key in _loss_keys(record) + _validation_keys(record):
             curves.setdefault(key, {})[record["step"]] = record[key]
     if not curves:
         return
@@ -253,6 +256,11 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+def _validation_keys(metrics: Mapping[str, Any]) -> list[str]:
+    """The per-source validation video and action losses of a record."""
+    return [key for key in metrics if key.startswith("val/") and key.endswith(("/video", "/action"))]
 
 
 def _loss_keys(metrics: Mapping[str, Any]) -> list[str]:

@@ -38,8 +38,8 @@ from lbva.parallelism.step_layout import StepLayout
 from .config import TrainConfig
 from .config_io import config_to_dict, dump_toml
 from .data.packing import PackedSequence
-from .data.source import build_training_data, check_data_config
-from .distributed import Processes, checkpoint_group, mean_over, start_processes
+from .data.source import ValidationSet, build_training_data, check_data_config
+from .distributed import Processes, checkpoint_group, mean_over, start_processes, sum_over
 from .ema import build_ema
 from .guard import NonFiniteGuard, parameters_finite
 from .ledger import Ledger
@@ -55,7 +55,7 @@ from .step import FlowMatchingObjective, evaluate_objective, run_objective, weig
 class TrainResult:
     run_dir: Path
     steps: int  # the last step reached (config.run.steps unless stopped early)
-    eval_losses: dict[int, float]  # step -> loss on the fixed evaluation batch
+    eval_losses: dict[int, float]  # step -> validation loss (held-out sequences)
     seconds: float
 
 
@@ -74,6 +74,7 @@ def train(
     data = build_training_data(config, model, procs.dp_rank, procs.dims.dp_size)
     if procs.logging_rank:
         (run_dir / "data_stats.json").write_text(json.dumps(data.card, indent=1))
+        (run_dir / "validation_keys.json").write_text(json.dumps(data.heldout_keys, indent=1))
     objective = FlowMatchingObjective(config.objective, data.empty_text)
     step_layout = step_layout_for(procs.mesh, config.model.attention)
     model, pipeline = distribute(model, procs, config, step_layout)
@@ -101,7 +102,7 @@ def train(
         stack.callback(ledger.close)
         window = MetricsWindow(config.run.log_every, config.run.steps, procs.dims.dp_size,
                                world_size=procs.world.world_size, peak_tflops=peak_tflops(device),
-                               flops_per_token=model_flops_per_token(model.config, config, data.eval_batch))
+                               flops_per_token=model_flops_per_token(model.config, config, data.sample))
         guard = NonFiniteGuard(config.optim.max_nonfinite_steps, console, procs.dp_group, device)
         profiler = StepProfiler(config.run.profile_steps, run_dir, procs.logging_rank, device)
         stack.callback(profiler.close)
@@ -126,8 +127,9 @@ def train(
                 raise guard.stop_error(step, saved_step)
             window.add(terms, grad_norm, seqs, waited, skipped=not updated)
             if window.due(step):
+                validation = data.validation if validation_due(step, config) else []
                 metrics = close_window(window, model if pipeline is None else pipeline, objective, step_layout,
-                                       data.eval_batch, config, procs, lr=scheduler.get_last_lr()[0],
+                                       validation, config, procs, lr=scheduler.get_last_lr()[0],
                                        tokens_seen=float(state.tokens_seen))
                 eval_losses.update({step: metrics["loss_eval"]} if "loss_eval" in metrics else {})
                 if logger is not None:
@@ -256,13 +258,18 @@ def next_sequences(batches, count: int) -> tuple[list[PackedSequence], float]:
     return seqs, time.perf_counter() - started
 
 
-def close_window(window: MetricsWindow, model, objective, layout: StepLayout, eval_batch: PackedSequence,
+def validation_due(step: int, config: TrainConfig) -> bool:
+    """Whether a logged `step` also validates (run.eval_every; 0: every logged step; always the last)."""
+    every = config.run.eval_every
+    return every == 0 or step % every == 0 or step == config.run.steps
+
+
+def close_window(window: MetricsWindow, model, objective, layout: StepLayout, validation: list[ValidationSet],
                  config: TrainConfig, procs: Processes, **extra: float) -> dict[str, float]:
-    """The logging window's metrics with the evaluation loss beside them (absent on pipeline
-    ranks without the last stage), equal on every data-parallel rank."""
-    loss = evaluate(model, objective, layout, eval_batch, config, procs.device)
-    if loss is not None:
-        extra = {"loss_eval": mean_over(loss, procs.dp_group, procs.device), **extra}
+    """The logging window's metrics with the validation losses beside them when `validation` is
+    given (absent on pipeline ranks without the last stage), equal on every data-parallel rank."""
+    if validation:
+        extra = {**validate(model, objective, layout, validation, config, procs), **extra}
     return window.close(procs.dp_group, procs.device, **extra)
 
 
@@ -329,14 +336,45 @@ def pipeline_step(pipeline, objective, sequences: list, weights: list[float], co
     return terms, grad_norm
 
 
+VALIDATION_TERMS = ("loss", "video", "action", "fdm")
+
+
 @torch.no_grad()
-def evaluate(model, objective, layout: StepLayout, seq: PackedSequence, config: TrainConfig, device) -> float | None:
-    """Loss on one fixed batch with fixed draws: comparable across steps, unlike the training loss,
-    whose per-frame noise levels change every step. model: the model or the Pipeline (forward
-    only through its stages; None on a rank without the last stage)."""
+def validate(model, objective, layout: StepLayout, sets: list[ValidationSet], config: TrainConfig,
+             procs: Processes) -> dict[str, float]:
+    """Flow-matching losses on the held-out sequences with fixed draws (comparable across steps and
+    runs, unlike the training loss): `loss_eval` over all of them, and `val/{source}/{term}` per
+    source. The sequences are dealt round-robin to the data-parallel ranks (every rank runs as many
+    forwards, the surplus with weight 0, as FSDP's collectives need) and the sums all-reduced, so
+    every rank and every layout gets the same means. model: the model or the Pipeline; {} on a
+    pipeline rank without the last stage."""
     for part in model.model_parts if isinstance(model, Pipeline) else [model]:
         part.eval()
-    draws = objective.draw(seq, sequence_generator(config.run.seed, -1, 0))
-    with _autocast(device):
-        terms = evaluate_objective(objective, model, (seq, draws), layout, device)
-    return None if terms is None else terms.total.item()
+    dp_rank, dp_size = procs.dp_rank, procs.dims.dp_size
+    sums, has_losses = [], True
+    for validation_set in sets:
+        totals = [0.0] * len(VALIDATION_TERMS)
+        count = len(validation_set.sequences)
+        for index in range(dp_rank, -(-count // dp_size) * dp_size, dp_size):
+            seq = validation_set.sequences[index % count]
+            draws = objective.draw(seq, sequence_generator(0, -1, index % count))
+            with _autocast(procs.device):
+                terms = evaluate_objective(objective, model, (seq, draws), layout, procs.device)
+            has_losses = terms is not None  # the same on every rank of a data-parallel group
+            if has_losses and index < count:
+                values = (terms.total, terms.video, terms.action, terms.forward_dynamics)
+                totals = [t + (0.0 if v is None else v.item()) for t, v in zip(totals, values)]
+        sums += totals
+    if not has_losses:
+        return {}
+    sums = sum_over(sums, procs.dp_group, procs.device)
+    metrics, overall = {}, 0.0
+    for position, validation_set in enumerate(sets):
+        count = len(validation_set.sequences)
+        means = dict(zip(VALIDATION_TERMS, sums[position * len(VALIDATION_TERMS):(position + 1) * len(VALIDATION_TERMS)]))
+        overall += means["loss"]
+        for term in VALIDATION_TERMS:
+            if term != "fdm" or config.objective.forward_dynamics_weight > 0:
+                metrics[f"val/{validation_set.name}/{term}"] = means[term] / count
+    metrics["loss_eval"] = overall / sum(len(v.sequences) for v in sets)
+    return metrics

@@ -1,0 +1,92 @@
+"""One held-out episode through the world model's sampler (inference/world_model.py), chunk by chunk.
+
+Chunk c holds latent frames [cK, (c+1)K); frame 0 is the observed first frame. Two passes:
+
+- one chunk ahead, for c = 1 .. C-1, with ground truth of chunks < c in the cache: the imagined
+  latents of c against the truth and against copying frame cK-1 (copy-last-frame); then the truth
+  of c's video is cached and its actions are sampled (inverse dynamics) and compared on the slots
+  the source fills, against the training mean action and zero; then c's true actions are cached.
+- open loop, from the true chunk 0: every later chunk is imagined from the model's own previous
+  imaginations and the true actions, up to `rollout_chunks`; against copying frame K-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lbva.inference.world_model import WorldModelSampler
+from lbva.training.data.samples import EpisodeSample
+
+
+@dataclass
+class EpisodeScores:
+    key: str
+    source: str
+    video_se: list[float] = field(default_factory=list)  # per chunk: mean squared latent error
+    copy_last_se: list[float] = field(default_factory=list)
+    action_se: list[float] = field(default_factory=list)  # per chunk, on the source's action slots
+    action_mean_se: list[float] = field(default_factory=list)
+    action_zero_se: list[float] = field(default_factory=list)
+    rollout_se: list[float] = field(default_factory=list)  # per open-loop chunk (horizon 1, 2, ...)
+    rollout_copy_se: list[float] = field(default_factory=list)
+
+
+def chunk_actions(sample: EpisodeSample, chunk: int, k: int) -> torch.Tensor:
+    """The actions of `chunk` as tokens [K*N, 30] (frame-major, as packing lays them out)."""
+    actions = sample.actions[:, chunk * k:(chunk + 1) * k]  # [30, K, N]
+    return actions.permute(1, 2, 0).reshape(-1, actions.shape[0])
+
+
+def _se(prediction: torch.Tensor, truth: torch.Tensor) -> float:
+    return float(((prediction.float() - truth.float()) ** 2).mean())
+
+
+def start_episode(sampler: WorldModelSampler, sample: EpisodeSample, empty_text: torch.Tensor) -> None:
+    rows = [sample.text_emb, empty_text] if sampler.settings.use_cfg else [sample.text_emb]
+    sampler.start(torch.stack(rows))
+    sampler.set_first_frame(sample.latents[:, :1])
+
+
+def score_episode(sampler: WorldModelSampler, sample: EpisodeSample, empty_text: torch.Tensor,
+                  mean_action: torch.Tensor, rollout_chunks: int) -> tuple[EpisodeScores, torch.Tensor]:
+    """-> the scores, and the open-loop imagined latents [z, K * (1 + rollout), h, w] (chunk 0 true)."""
+    k = sampler.settings.chunk_size
+    chunks = sample.latents.shape[1] // k
+    if chunks < 2:
+        raise ValueError(f"sample {sample.key} has {sample.latents.shape[1]} latent frames, fewer than two "
+                         f"chunks of {k}")
+    scores = EpisodeScores(sample.key, sample.source)
+    slots = sample.action_mask
+    truth = lambda c: sample.latents[:, c * k:(c + 1) * k]  # noqa: E731
+
+    start_episode(sampler, sample, empty_text)
+    sampler.observe(0, latents=truth(0), actions=chunk_actions(sample, 0, k))
+    for c in range(1, chunks):
+        imagined = sampler.predict_video(c).cpu()
+        scores.video_se.append(_se(imagined, truth(c)))
+        scores.copy_last_se.append(_se(sample.latents[:, c * k - 1:c * k].expand_as(truth(c)), truth(c)))
+        sampler.drop_predictions()
+        sampler.observe(c, latents=truth(c))
+        actions = chunk_actions(sample, c, k)
+        if slots.any():
+            predicted = sampler.predict_actions(c).cpu()
+            scores.action_se.append(_se(predicted[:, slots], actions[:, slots]))
+            scores.action_mean_se.append(_se(mean_action[slots].expand_as(actions[:, slots]), actions[:, slots]))
+            scores.action_zero_se.append(_se(torch.zeros_like(actions[:, slots]), actions[:, slots]))
+            sampler.drop_predictions()
+        sampler.observe(c, actions=actions)
+
+    start_episode(sampler, sample, empty_text)
+    sampler.observe(0, latents=truth(0), actions=chunk_actions(sample, 0, k))
+    rollout = [truth(0)]
+    last_seen = sample.latents[:, k - 1:k]
+    for c in range(1, min(chunks, 1 + rollout_chunks)):
+        imagined = sampler.predict_video(c).cpu()
+        scores.rollout_se.append(_se(imagined, truth(c)))
+        scores.rollout_copy_se.append(_se(last_seen.expand_as(truth(c)), truth(c)))
+        sampler.drop_predictions()
+        sampler.observe(c, latents=imagined, actions=chunk_actions(sample, c, k))
+        rollout.append(imagined)
+    return scores, torch.cat(rollout, dim=1)

@@ -1,0 +1,92 @@
+"""`lbva eval`: the world model of a checkpoint on held-out episodes, against its baselines."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from lbva.evaluation.pictures import STRIP_FRAMES, VideoDecoder, comparison_frames, strip
+from lbva.evaluation.run import EvalOptions, evaluate
+from lbva.inference.settings import InferenceSettings
+from lbva.launchers.cli import main as lbva
+from lbva.training.trainer import train
+
+from helpers import prepared_demo, tiny_train_config
+
+KEYS = ("video_mse", "video_mse_copy_last", "action_mse", "action_mse_mean", "fm_video", "fm_video_gaussian_prior")
+CHUNK = 2  # the test episodes have 6 latent frames: 3 chunks
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return prepared_demo(tmp_path_factory.mktemp("data"), num_episodes=6, frames_per_episode=41, image_size=64, seed=5)
+
+
+@pytest.fixture(scope="module")
+def untrained(dataset, tmp_path_factory):
+    """A run of one step at lr 1e-12: the weights of the initialisation, for all practical purposes."""
+    config = tiny_train_config(dataset, tmp_path_factory.mktemp("runs"), "run.name=untrained", "run.steps=1",
+                               "optim.lr=1e-12", "data.validation_fraction=0.34")
+    return train(config, Console(quiet=True)).run_dir
+
+
+def _options(**settings) -> EvalOptions:
+    return EvalOptions(samples_per_source=2, rollout_chunks=2, pictures_per_source=1,
+                       settings=InferenceSettings(chunk_size=CHUNK, video_steps=3, action_steps=3, video_guidance=1.0,
+                                                  **settings))
+
+
+def test_the_summary_has_every_metric_per_source_and_a_table(dataset, untrained, tmp_path):
+    summary = evaluate(untrained, [dataset], tmp_path / "eval", _options())
+    written = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    for values in (written, written["sources"]["pusher"]):
+        assert all(np.isfinite(values[key]) for key in KEYS)
+    assert written["sources"]["pusher"]["episodes"] == 2
+    table = (tmp_path / "eval" / "summary.md").read_text()
+    assert "copy last frame" in table and "Gaussian prior" in table and "| pusher |" in table
+    assert summary["pictures"] and all((tmp_path / "eval" / "pictures" / "pusher").glob("*.png"))
+
+
+def test_the_same_checkpoint_and_seed_give_the_same_numbers(dataset, untrained, tmp_path):
+    first = evaluate(untrained, [dataset], tmp_path / "a", _options())
+    second = evaluate(untrained, [dataset], tmp_path / "b", _options())
+    assert [first[k] for k in KEYS] == [second[k] for k in KEYS]
+
+
+def test_a_model_that_has_not_trained_does_not_beat_the_baselines(dataset, untrained, tmp_path):
+    summary = evaluate(untrained, [dataset], tmp_path / "eval", _options())
+    assert summary["video_mse"] > summary["video_mse_copy_last"]
+    assert summary["action_mse"] > summary["action_mse_mean"]
+    assert summary["fm_video"] > summary["fm_video_gaussian_prior"]
+
+
+def test_two_processes_score_what_one_process_scores(dataset, untrained, tmp_path):
+    single = evaluate(untrained, [dataset], tmp_path / "one", _options())
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "lbva.launchers.cli", "eval", str(untrained), "--data", str(dataset), "--out",
+               str(tmp_path / "two"), "--samples", "2", "--rollout-chunks", "2", "--pictures", "1",
+               "--chunk-size", str(CHUNK), "--video-steps", "3", "--action-steps", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| pusher |" in result.stdout
+    double = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert [double[k] for k in KEYS] == pytest.approx([single[k] for k in KEYS], rel=1e-6)
+
+
+def test_the_strip_shows_truth_prediction_and_difference_per_latent_frame():
+    decoder = VideoDecoder.for_card({"encoders": {"kind": "standin"}}, None)
+    truth = torch.randn(48, 10, 4, 4)
+    frames = comparison_frames(decoder, truth, truth)
+    assert frames.shape == (10, 64, 3 * 64, 3) and frames.dtype == np.uint8
+    picture = strip(frames)
+    assert picture.shape == (3 * 64, STRIP_FRAMES * 64, 3)
+    assert not picture[2 * 64:].any()  # a perfect prediction has no difference
+
+
+def test_eval_refuses_a_folder_without_a_checkpoint(tmp_path, capsys):
+    assert lbva(["eval", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "not a committed lbva checkpoint" in capsys.readouterr().err
