@@ -74,7 +74,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     stop = StopFlag().install()
     outcome = run_worker(_load_config(args), stop)
     ignore_stop_signals()
-    requeue_after_time_limit(outcome)
+    if not args.no_requeue:
+        requeue_after_time_limit(outcome)
     if outcome.finished and world_from_env().rank == 0:
         print(f"run finished: {outcome.run_dir} ({outcome.steps} steps)")
 
@@ -87,7 +88,8 @@ def _cmd_slurm(args: argparse.Namespace) -> None:
         partition=args.partition, signal_before_s=args.signal_before, max_requeues=args.max_requeues,
         sbatch=parse_sbatch_options(args.sbatch),
     )
-    job_ids, folder = submit(_load_config(args), resources, chain=args.chain)
+    job_ids, folder = submit(_load_config(args), args.config, args.overrides, resources, chain=args.chain,
+                             max_restarts=args.max_restarts)
     chained = " (chained: each starts after the previous one ends)" if len(job_ids) > 1 else ""
     print(f"submitted job {', '.join(job_ids)}{chained} for run {folder.parent}")
     print(f"logs: {folder}/<job id>_<task>_log.out; watch: squeue -j {','.join(job_ids)}")
@@ -112,13 +114,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       "run's newest checkpoint, stops at a step boundary with a checkpoint on SIGUSR2/SIGTERM",
     )
     _add_config_arguments(train)
+    train.add_argument("--no-requeue", action="store_true",
+                       help="leave the time-limit requeue to the launcher (what `lbva launch slurm` runs)")
     train.set_defaults(func=_cmd_train)
 
     launch = subparsers.add_parser("launch", help="start a run on Slurm or on this machine")
     commands = launch.add_subparsers(dest="launch_command", required=True)
     slurm = commands.add_parser(
         "slurm", help="submit the run as Slurm jobs (submitit) that checkpoint and requeue at the time limit",
-        description="Submit the run to Slurm through submitit: one task per GPU, SIGUSR2 before the time limit "
+        description="Submit the run to Slurm through submitit: one torchrun agent per node starting one rank per "
+                    "GPU and restarting the group inside the job when a rank fails, SIGUSR2 before the time limit "
                     "(checkpoint, requeue, resume), auto-resume from the newest checkpoint on every start.",
     )
     _add_config_arguments(slurm)
@@ -131,6 +136,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slurm.add_argument("--signal-before", type=int, default=300, metavar="SECONDS",
                        help="send SIGUSR2 this long before the time limit; must cover one step and one checkpoint")
     slurm.add_argument("--max-requeues", type=int, default=100, help="time-limit requeues allowed per job")
+    slurm.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS, metavar="N",
+                       help="restarts of the whole group inside a job after a rank fails, each resuming from the "
+                            f"newest checkpoint (default {DEFAULT_MAX_RESTARTS})")
     slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                        help="further sbatch option, repeatable: --sbatch account=abc --sbatch qos=high")
     slurm.set_defaults(func=_cmd_slurm)

@@ -62,6 +62,11 @@ class StopFlag:
     def __exit__(self, *exc_info: object) -> None:
         self.restore()
 
+    @property
+    def received(self) -> StopReason:
+        """The most important signal this process got (not agreed with other ranks)."""
+        return self._received
+
     def _record(self, signum: int, frame: FrameType | None) -> None:
         # Runs between two bytecodes of the main thread: no I/O here (a print could re-enter a
         # print it interrupted), no collectives; just remember the most important signal seen.

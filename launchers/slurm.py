@@ -1,19 +1,21 @@
 """Slurm: `lbva launch slurm` (submitit jobs that survive time limits, preemption and crashes) and
 the requeue of jobs started from slurm/pretrain.sbatch.
 
-`lbva launch slurm`: each job has one task per GPU (one per node without GPUs), and each task is
-one rank: submitit starts the tasks with srun, `TrainingJob` turns Slurm's task ids into torchrun's
-RANK/WORLD_SIZE/LOCAL_RANK, and the batch script exports MASTER_ADDR/MASTER_PORT
-(slurm/rendezvous.sh) after sourcing slurm/env.sh, the environment file users edit.
+`lbva launch slurm`: each job has one task per node, started by submitit with srun; the task runs
+the node's torchrun agent (`TrainingJob`), which starts one rank per GPU (one per node without
+GPUs) and restarts the group inside the job when a rank fails (`--max-restarts`), as
+slurm/pretrain.sbatch does. The batch script exports MASTER_ADDR/MASTER_PORT (slurm/rendezvous.sh),
+the agents' rendezvous, after sourcing slurm/env.sh, the environment file users edit.
 
 Time limits: a job asks Slurm for SIGUSR2 some seconds before its limit, and the ranks stop at the
 next step boundary with a checkpoint (signals.StopFlag). Who requeues then:
 - submitit jobs: submitit installs a USR2 handler in every task before calling `TrainingJob`,
-  which puts its StopFlag in that handler's place while training. After the stop, rank 0 hands
-  the signal back to submitit's handler, which takes submitit's own requeue path: it calls
-  `checkpoint()` (inherited from `Checkpointable`: this same callable again, the training state
-  being on disk already), stores that as the job's pickle, runs `scontrol requeue` and exits.
-  submitit counts these requeues against `max_requeues`.
+  which puts a StopFlag in that handler's place while its agent runs (the ranks get the signal
+  from Slurm directly and run with `--no-requeue`). After the stop, task 0 hands the signal back to
+  submitit's handler, which takes submitit's own requeue path: it calls `checkpoint()` (inherited
+  from `Checkpointable`: this same callable again, the training state being on disk already),
+  stores that as the job's pickle, runs `scontrol requeue` and exits. submitit counts these
+  requeues against `max_requeues`.
 - sbatch jobs (torchrun workers, `lbva train`): rank 0 runs `scontrol requeue` itself
   (`requeue_after_time_limit`). Rank 0 knows what the batch shell does not: whether the run
   stopped early or had just finished, so a finished run is never requeued.
@@ -35,6 +37,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +47,7 @@ from submitit.core.utils import FailedJobError
 from lbva.training.config import TrainConfig
 from lbva.errors import UserError
 
-from .local import WorkerOutcome, run_dir_of, run_worker
+from .local import DEFAULT_MAX_RESTARTS, WorkerOutcome, newest_committed_step, run_dir_of
 from .preflight import check_before_launch
 from .signals import StopFlag, StopReason
 
@@ -118,32 +121,78 @@ def parse_sbatch_options(items: list[str]) -> dict[str, str]:
 
 
 class TrainingJob(submitit.helpers.Checkpointable):
-    """What each task of a `launch slurm` job runs: one rank of the run of `config`.
+    """What each task of a `launch slurm` job runs: one node's torchrun agent, which starts the
+    node's ranks (`lbva train` as in slurm/pretrain.sbatch) and restarts the whole group, inside the
+    job, up to `max_restarts` times when a rank fails; each restart resumes from the newest
+    committed checkpoint.
 
-    The inherited `checkpoint()` returns this same callable: requeued, it starts over and
-    `run_worker` resumes from the newest committed checkpoint.
+    Signals: Slurm's USR2 (the time limit) and TERM reach every process of the job step, the ranks
+    included, which stop at a step boundary with a checkpoint. The agent ignores both (it must
+    outlive its ranks' checkpoint); this task records them in place of submitit's handler while the
+    agent runs. After a time-limit stop of an unfinished run, task 0 hands USR2 to submitit's
+    handler, which requeues the job (counted against --max-requeues). The inherited
+    `checkpoint()` returns this same callable: requeued, it starts over and the ranks resume.
     """
 
-    def __init__(self, config: TrainConfig) -> None:
-        self.config = config
+    def __init__(self, config_file: Path | None, overrides: list[str], run_dir: Path, total_steps: int,
+                 ranks_per_node: int, max_restarts: int) -> None:
+        self.config_file = config_file
+        self.overrides = list(overrides)
+        self.run_dir = run_dir
+        self.total_steps = total_steps
+        self.ranks_per_node = ranks_per_node
+        self.max_restarts = max_restarts
 
-    def __call__(self) -> WorkerOutcome:
+    def command(self, nodes: int, job_id: str) -> list[str]:
+        """The torchrun agent of one node of the job."""
+        config_args = [f"--config={self.config_file}"] if self.config_file is not None else []
+        return [
+            sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+            f"--nproc-per-node={self.ranks_per_node}", f"--max-restarts={self.max_restarts}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            f"--rdzv-id={job_id}", "-m", "lbva.launchers.cli", "train", "--no-requeue", *config_args, *self.overrides,
+        ]
+
+    def __call__(self) -> int:
         task = submitit.JobEnvironment()
-        os.environ.update(
-            RANK=str(task.global_rank), LOCAL_RANK=str(task.local_rank), WORLD_SIZE=str(task.num_tasks),
-            LOCAL_WORLD_SIZE=str(task.num_tasks // task.num_nodes),
-        )
         with StopFlag() as stop:
-            outcome = run_worker(self.config, stop)
+            agent = subprocess.Popen(self.command(task.num_nodes, task.job_id), env=_agent_environment(),
+                                     preexec_fn=_agent_ignores_stop_signals)
+            status = _wait(agent)
         # submitit's own handlers are back from here on.
-        if outcome.finished:
-            return outcome
-        if outcome.stop_reason is StopReason.TIME_LIMIT and task.global_rank == 0:
+        if status != 0:
+            raise RuntimeError(f"the ranks of node {task.node} failed (torchrun exit status {status}) after "
+                               f"up to {self.max_restarts} group restarts; see this log")
+        if newest_committed_step(self.run_dir) >= self.total_steps:
+            return 0
+        if stop.received is StopReason.TIME_LIMIT and task.global_rank == 0:
             # submitit's handler checkpoints this callable, requeues the job and exits.
             signal.raise_signal(signal.SIGUSR2)
         # Stopped early: leave without a result, which submitit would read as the job's outcome;
         # the job comes back (requeued) or was cancelled.
         raise SystemExit(0)
+
+
+def _agent_environment() -> dict[str, str]:
+    """torchrun handles neither USR2 nor TERM (the ranks do; see TrainingJob), and one node's
+    restart must not wait on a rendezvous store hosted by another node's agent (torch shares the
+    store of the first agent by default, keyed on a restart count only the failed node raises)."""
+    return {**os.environ, "PET_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT",
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def _agent_ignores_stop_signals() -> None:
+    for signum in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _wait(process: subprocess.Popen) -> int:
+    """The exit status of `process`; a signal recorded meanwhile does not interrupt the wait."""
+    while True:
+        try:
+            return process.wait()
+        except InterruptedError:
+            continue
 
 
 def current_job_id() -> str | None:
@@ -176,13 +225,17 @@ def requeue_after_time_limit(outcome: WorkerOutcome) -> None:
     print(f"requeued job {job_id}: it resumes from step {outcome.steps}")
 
 
-def submit(config: TrainConfig, resources: SlurmResources, chain: int = 1) -> tuple[list[str], Path]:
-    """Submit the run of `config` as `chain` jobs, each after the previous one ended; returns the
-    job ids and the folder of submitit's logs (run_dir/slurm). A run whose layout does not fit
-    `resources`, or that has no data, is refused before anything is submitted."""
+def submit(config: TrainConfig, config_file: Path | None, overrides: list[str], resources: SlurmResources,
+           chain: int = 1, max_restarts: int = DEFAULT_MAX_RESTARTS) -> tuple[list[str], Path]:
+    """Submit the run of `config` (what `config_file` and `overrides` load to; each rank loads them
+    again) as `chain` jobs, each after the previous one ended; returns the job ids and the folder of
+    submitit's logs (run_dir/slurm). A run whose layout does not fit `resources`, or that has no
+    data, is refused before anything is submitted."""
     resources.validate()
     if chain < 1:
         raise UserError(f"--chain must be >= 1, got {chain}")
+    if max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
     check_before_launch(config, resources.world_size, f"{resources.nodes} node(s) x {resources.ranks_per_node} "
                                                       f"rank(s) = {resources.world_size} ranks")
     folder = run_dir_of(config) / "slurm"
@@ -193,7 +246,7 @@ def submit(config: TrainConfig, resources: SlurmResources, chain: int = 1) -> tu
     executor.update_parameters(
         name=f"lbva-{config.run.name}",
         nodes=resources.nodes,
-        tasks_per_node=resources.ranks_per_node,
+        tasks_per_node=1,  # the node's torchrun agent, which starts its ranks
         gpus_per_node=resources.gpus_per_node or None,
         timeout_min=resources.time_minutes,
         slurm_partition=resources.partition,
@@ -204,8 +257,7 @@ def submit(config: TrainConfig, resources: SlurmResources, chain: int = 1) -> tu
             # srun does not take --cpus-per-task from sbatch (Slurm 22.05 on); this variable does.
             '[ -z "${SLURM_CPUS_PER_TASK:-}" ] || export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"',
         ],
-        # A rank that crashed must end the step; the others would wait in a collective until
-        # the NCCL timeout otherwise.
+        # A node whose agent gave up must end the step; the others would wait in a rendezvous.
         slurm_srun_args=["--kill-on-bad-exit=1"],
         slurm_additional_parameters={"requeue": True, **resources.sbatch},
     )
@@ -214,7 +266,9 @@ def submit(config: TrainConfig, resources: SlurmResources, chain: int = 1) -> tu
         if job_ids:
             executor.update_parameters(slurm_dependency=f"afterany:{job_ids[-1]}")
         try:
-            job_ids.append(executor.submit(TrainingJob(config)).job_id)
+            job = TrainingJob(config_file.resolve() if config_file is not None else None, overrides,
+                              run_dir_of(config).resolve(), config.run.steps, resources.ranks_per_node, max_restarts)
+            job_ids.append(executor.submit(job).job_id)
         except FailedJobError as error:
             lines = [line for line in str(error).splitlines() if line.strip()]
             raise UserError(f"sbatch refused the job: {lines[-1] if lines else error}") from error

@@ -175,6 +175,25 @@ def test_a_killed_rank_restarts_the_group_inside_the_job_from_the_newest_checkpo
     assert read_ledger(run_dir(tiny_config, name)) == read_ledger(run_dir(tiny_config, "reference"))
 
 
+def test_a_killed_rank_restarts_the_group_inside_a_submitit_job(slurm_cluster, tiny_config, reference):
+    name = "submitit-elastic"
+    (job_id,) = submit_submitit(slurm_cluster, tiny_config, name, "--max-restarts=1", "checkpoint.every=3")
+    checkpoints = run_dir(tiny_config, name) / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not committed_steps(checkpoints):
+        assert time.monotonic() < deadline, f"{name}: no checkpoint in 180 s"
+        time.sleep(0.05)
+    killed_after = committed_steps(checkpoints)[-1]
+    os.kill(_worker_of(name), signal.SIGKILL)
+    job = slurm_cluster.wait_until_ended(job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "0"  # restarted by torchrun, not requeued
+    assert killed_after < STEPS
+    resumed = stop_and_resume_steps(submitit_log(tiny_config, name, job_id))[1]
+    assert resumed and min(resumed) >= killed_after
+    assert losses(run_dir(tiny_config, name)) == reference[1]
+    assert read_ledger(run_dir(tiny_config, name)) == read_ledger(run_dir(tiny_config, "reference"))
+
+
 def test_a_run_stopped_on_two_nodes_continues_on_one(slurm_cluster, tiny_config):
     first = submit_sbatch(slurm_cluster, tiny_config, "shrunk")
     wait_for_step(run_dir(tiny_config, "shrunk"), 2)
