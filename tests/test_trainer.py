@@ -53,10 +53,12 @@ def test_a_short_run_writes_its_artifacts(dataset, tmp_path):
     assert len(stats[str(dataset)]["sources"]["pusher"]["stats"]["q01"]) == 30
 
 
-def test_training_reduces_the_evaluation_loss(dataset, tmp_path):
+def test_training_reduces_the_validation_loss_on_heldout_episodes(dataset, tmp_path):
     config = _config(dataset, tmp_path, "run.steps=200", "run.log_every=10", "optim.lr=3e-3")
     result = train(config, _quiet())
-    assert result.eval_losses[200] < 0.7 * result.eval_losses[10]
+    # One of the six episodes is held out: the loss falls on data the run never trained on
+    # (measured 0.72x; the fixed training batch it replaced fell below 0.7x).
+    assert result.eval_losses[200] < 0.8 * result.eval_losses[10]
 
 
 def test_the_same_seed_gives_the_same_run(dataset, tmp_path):

@@ -83,6 +83,9 @@ def fresh_dynamo():
 def test_compiled_mot_depths_compile_once_for_training_and_once_for_evaluation(fresh_dynamo, monkeypatch):
     # Scalar C++ kernels: a third of the compile time of vectorized ones, and the same graphs.
     monkeypatch.setattr(torch._inductor.config.cpp, "simdlen", 1)
+    # Compile in this process: inductor's pool of forked compile workers outlives the test and
+    # keeps pytest from exiting (the interpreter waits on them at exit).
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
     lengths = _train_with_evaluation("tiny-mot", steps=50, evaluate_every=10)
     assert len(lengths) >= 15  # the lengths really vary
     assert _graphs(TransformerBlock.joint_forward) <= MAX_GRAPHS_PER_UNIT

@@ -55,7 +55,10 @@ def submit_submitit(cluster, tiny_config: Path, name: str, *options: str) -> lis
 
 
 def submitit_log(tiny_config: Path, name: str, job_id: str) -> str:
-    return (run_dir(tiny_config, name) / "slurm" / f"{job_id}_0_log.out").read_text()
+    """Every task's log of the job: torchrun's c10d rendezvous hands rank 0 (the one that prints) to
+    whichever node's agent it chooses, not to task 0."""
+    folder = run_dir(tiny_config, name) / "slurm"
+    return "".join(path.read_text() for path in sorted(folder.glob(f"{job_id}_*_log.out")))
 
 
 def stop_and_resume_steps(log: str) -> tuple[set[int], set[int]]:
