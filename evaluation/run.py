@@ -118,7 +118,7 @@ def evaluate(checkpoint: Path, data: list[Path], out: Path | None = None, option
     reader = SampleReader(sources, text_tokens=config.data.text_tokens, latent_channels=model.config.in_channels,
                           patch=model.config.patch_size)
     empty_text = TextStore(sources, config.data.text_tokens).empty_text()
-    statistics = [reader.load(e) for s in split.train for e in list(s.entries)[:STATISTICS_SAMPLES]]
+    statistics = [reader.load(s.entry(i)) for s in split.train for i in range(min(len(s), STATISTICS_SAMPLES))]
     mean_c, var_c = channel_statistics([s.latents for s in statistics])
 
     scores, rollouts = [], []
