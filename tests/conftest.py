@@ -1,5 +1,10 @@
 import pytest
 import torch
+import torch._inductor.config
+
+# Compile in the test process: inductor's pool of forked compile workers outlives the tests that
+# start it and keeps pytest from exiting (the interpreter waits on the workers at exit).
+torch._inductor.config.compile_threads = 1
 
 
 @pytest.fixture(autouse=True)
