@@ -153,18 +153,23 @@ def _worker_of(name: str) -> int:
     raise AssertionError(f"no worker of run {name} found")
 
 
+def wait_for_a_checkpoint(tiny_config: Path, name: str) -> int:
+    """The step of run `name`'s first committed checkpoint, once there is one (at most 180 s)."""
+    checkpoints = run_dir(tiny_config, name) / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not committed_steps(checkpoints):
+        assert time.monotonic() < deadline, f"{name}: no checkpoint in 180 s"
+        time.sleep(0.05)
+    return committed_steps(checkpoints)[-1]
+
+
 def test_a_killed_rank_restarts_the_group_inside_the_job_from_the_newest_checkpoint(
     slurm_cluster, tiny_config, reference
 ):
     name = "elastic"
     job_id = submit_sbatch(slurm_cluster, tiny_config, name, "checkpoint.every=3",
                            script_options=("--max-restarts", "1"))
-    checkpoints = run_dir(tiny_config, name) / "checkpoints"
-    deadline = time.monotonic() + 180
-    while not committed_steps(checkpoints):
-        assert time.monotonic() < deadline, f"{name}: no checkpoint in 180 s"
-        time.sleep(0.05)
-    killed_after = committed_steps(checkpoints)[-1]
+    killed_after = wait_for_a_checkpoint(tiny_config, name)
     os.kill(_worker_of(name), signal.SIGKILL)  # one rank of one node dies without a word
     job = slurm_cluster.wait_until_ended(job_id)
     # The same job, never requeued: torchrun restarted both nodes' workers, which resumed.
@@ -181,12 +186,7 @@ def test_a_killed_rank_restarts_the_group_inside_the_job_from_the_newest_checkpo
 def test_a_killed_rank_restarts_the_group_inside_a_submitit_job(slurm_cluster, tiny_config, reference):
     name = "submitit-elastic"
     (job_id,) = submit_submitit(slurm_cluster, tiny_config, name, "--max-restarts=1", "checkpoint.every=3")
-    checkpoints = run_dir(tiny_config, name) / "checkpoints"
-    deadline = time.monotonic() + 180
-    while not committed_steps(checkpoints):
-        assert time.monotonic() < deadline, f"{name}: no checkpoint in 180 s"
-        time.sleep(0.05)
-    killed_after = committed_steps(checkpoints)[-1]
+    killed_after = wait_for_a_checkpoint(tiny_config, name)
     os.kill(_worker_of(name), signal.SIGKILL)
     job = slurm_cluster.wait_until_ended(job_id)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "0"  # restarted by torchrun, not requeued
