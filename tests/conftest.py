@@ -1,3 +1,5 @@
+import multiprocessing
+
 import pytest
 import torch
 import torch._inductor.config
@@ -21,3 +23,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # A child process a test left running (e.g. a DataLoader worker, which ignores SIGTERM by
+    # design, training/data/loader.py) would make the interpreter wait for it forever at exit:
+    # end it here and fail the run naming it, so a leak shows as a failure instead of a hung CI.
+    left = multiprocessing.active_children()
+    for child in left:
+        child.kill()
+        child.join(10)
+    if left:
+        names = ", ".join(f"{child.name} (pid {child.pid})" for child in left)
+        session.config.lbva_leftover_children = names
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    names = getattr(config, "lbva_leftover_children", None)
+    if names:
+        terminalreporter.write_line(f"FAILED: tests left child processes running (killed): {names}", red=True)
