@@ -7,21 +7,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from lbva.errors import UserError
 
-from .manager import CheckpointError, read_meta, verify
+from .manager import CheckpointError, read_dcp_metadata, read_meta, verify
 
 
 def inspect_checkpoint(folder: Path) -> list[str]:
     """Human-readable lines: step, model, layout, files, and every tensor with shape and dtype."""
     meta = read_meta(folder)
-    entries = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    entries = read_dcp_metadata(folder).state_dict_metadata
     lines = [
         f"checkpoint {folder}",
-        f"  step {meta['step']}, contents {meta.get('contents', 'full')}, preset {meta.get('preset')}, "
+        f"  step {meta.get('step')}, contents {meta.get('contents', 'full')}, preset {meta.get('preset')}, "
         f"layout {meta.get('model', {}).get('layout')}, saved by {meta.get('world_size')} rank(s)",
         f"  files: {len(meta['files'])}, {sum(f['bytes'] for f in meta['files'].values()) / 2**20:.1f} MiB",
     ]

@@ -20,14 +20,16 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from lbva.models.config import ModelConfig
 from lbva.models.mot import LingBotVA
 from lbva.models.weights import WeightImportError, find_transformer_dir, import_wan_video_stream, read_safetensors_folder
 
-from .manager import CheckpointError, CheckpointManager, RetentionPolicy, _single_process_is_intended, read_meta
+from .manager import (
+    CheckpointError, CheckpointManager, RetentionPolicy, _single_process_is_intended, read_dcp_metadata, read_meta,
+    verify,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 RELEASED_CLASS = "WanTransformer3DModel"
@@ -45,11 +47,15 @@ def model_config_from_meta(meta: dict, folder: Path) -> ModelConfig:
 
 
 def load_model(folder: Path, ema: bool = False) -> LingBotVA:
-    """The model of a committed checkpoint (training or weights-only), full tensors on the CPU.
+    """The model of a committed checkpoint (training or weights-only), full tensors on the CPU;
+    CheckpointError when the checkpoint fails `verify` (nothing is read from damaged files).
     ema: its parameters are the checkpoint's moving average of the weights (`optim.ema_decay`)
     instead of the weights themselves."""
     folder = Path(folder)
     meta = read_meta(folder)
+    problems = verify(folder)
+    if problems:
+        raise CheckpointError(f"{folder} is damaged, its weights are not read: {'; '.join(problems)}")
     model = LingBotVA(model_config_from_meta(meta, folder))
     state = {"train": {"model": get_model_state_dict(model)}}
     if ema:
@@ -71,7 +77,7 @@ def load_model(folder: Path, ema: bool = False) -> LingBotVA:
 
 def ema_names(folder: Path) -> list[str]:
     """The parameter names whose moving average a committed checkpoint holds (none: no EMA)."""
-    entries = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    entries = read_dcp_metadata(folder).state_dict_metadata
     return sorted(name[len(_EMA_PREFIX):] for name in entries if name.startswith(_EMA_PREFIX))
 
 
@@ -133,7 +139,13 @@ def export_post_training(checkpoint: Path, out: Path, attn_mode: str = "torch", 
     """Checkpoint -> OUT/transformer (bf16 shards + index + config.json). Returns the folder.
     ema: write the checkpoint's moving average of the weights instead of the weights."""
     model = load_model(checkpoint, ema)
-    tensors = {name: t.detach().to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
+    weights = model.state_dict()
+    non_finite = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+    if non_finite:
+        raise CheckpointError(f"{checkpoint}: {len(non_finite)} tensor(s) hold NaN or inf "
+                              f"({', '.join(non_finite[:3])}{', ...' if len(non_finite) > 3 else ''}); "
+                              "nothing exported: export an earlier checkpoint")
+    tensors = {name: t.detach().to(torch.bfloat16).contiguous() for name, t in weights.items()}
     folder = Path(out) / "transformer"
     write_sharded_safetensors(tensors, folder, max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(folder_config(model.config, attn_mode), indent=1))

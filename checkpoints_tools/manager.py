@@ -4,10 +4,15 @@ Layout under a run directory:
 
     checkpoints/step_00001200/          committed: DCP shards + .metadata + lbva_meta.json
     checkpoints/step_00001300.partial/  being written (never read; removed on the next start)
+    checkpoints/step_00001400.damaged/  failed verification at a resume, set aside (kept for a look)
 
 A checkpoint becomes visible only by the rename of its `.partial` folder, done by rank 0 after
 DCP's own metadata file exists, which DCP writes once every rank's shards are on disk. A crash at
 any point therefore leaves the previous committed checkpoint as the newest.
+
+`lbva_meta.json` records every file's size and SHA-256; `verify` compares them with the disk, and
+resume, export and `lbva ckpt verify` all go through it. DCP's `.metadata` is a pickle: loading a
+checkpoint runs its unpickling, so load only checkpoints from a trusted source.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +35,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
+from lbva.errors import UserError
+
 META_FILE = "lbva_meta.json"
 FORMAT_VERSION = 1
-_PREFIX, _PARTIAL = "step_", ".partial"
+_PREFIX, _PARTIAL, _DAMAGED = "step_", ".partial", ".damaged"
+_COMMITTED_NAME = re.compile(rf"{_PREFIX}(\d+)")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: incomplete, corrupt, or of another model."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used: incomplete, corrupt, or of another model. A UserError: the
+    CLI ends it with one line, whichever command read the checkpoint."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -48,9 +58,9 @@ def committed_steps(root: Path) -> list[int]:
         return []
     steps = []
     for path in root.iterdir():
-        name = path.name
-        if name.startswith(_PREFIX) and not name.endswith(_PARTIAL) and (path / META_FILE).exists():
-            steps.append(int(name[len(_PREFIX):]))
+        match = _COMMITTED_NAME.fullmatch(path.name)
+        if match and (path / META_FILE).exists():
+            steps.append(int(match.group(1)))
     return sorted(steps)
 
 
@@ -60,50 +70,90 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def file_checksums(folder: Path) -> dict[str, dict]:
-    sums = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != META_FILE:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            sums[path.name] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
-    return sums
+    """{file name: {"sha256", "bytes"}} of every file in folder but lbva_meta.json."""
+    paths = [path for path in sorted(Path(folder).iterdir()) if path.is_file() and path.name != META_FILE]
+    return {path.name: {"sha256": digest, "bytes": path.stat().st_size}
+            for path, digest in zip(paths, _sha256_all(paths))}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_all(paths: list[Path]) -> list[str]:
+    # hashlib releases the interpreter lock on large blocks, so files hash in parallel threads.
+    if len(paths) < 2:
+        return [_sha256(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1, 8)) as pool:
+        return list(pool.map(_sha256, paths))
 
 
 def read_meta(folder: Path) -> dict:
+    """A committed checkpoint's lbva_meta.json; CheckpointError when it is missing or damaged
+    (not JSON, cut, or without the file sizes and checksums recorded at save time)."""
     path = Path(folder) / META_FILE
     if not path.exists():
         raise CheckpointError(f"{folder}: not a committed lbva checkpoint ({META_FILE} missing)")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: damaged, not readable as JSON ({error})") from error
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)
+            for info in files.values()):
+        raise CheckpointError(f"{path}: damaged, it holds no record of the checkpoint's files and checksums")
+    return meta
+
+
+def read_dcp_metadata(folder: Path):
+    """DCP's `.metadata` of a checkpoint (unpickled: only for trusted checkpoints); CheckpointError
+    when it is missing or damaged."""
+    try:
+        return dcp.FileSystemReader(str(folder)).read_metadata()
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{folder}: DCP metadata (.metadata) missing") from error
+    except Exception as error:  # unpickling damaged bytes can raise almost any exception type
+        raise CheckpointError(f"{folder}/.metadata: damaged, cannot be read ({type(error).__name__})") from error
 
 
 def saved_parts(folder: Path, root: str = "train") -> set[str]:
     """The top-level names saved under `root` in a committed checkpoint (e.g. model, optimizer, ema),
     read from DCP's metadata without loading any tensor."""
-    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    metadata = read_dcp_metadata(folder)
     prefix = f"{root}."
     return {key[len(prefix):].split(".", 1)[0] for key in metadata.state_dict_metadata if key.startswith(prefix)}
 
 
-def verify(folder: Path, checksums: bool = True) -> list[str]:
+def verify(folder: Path, checksums: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
     """Problems found in a committed checkpoint (missing, truncated or changed files); empty when
-    sound. Without `checksums` only presence and sizes are checked (cheap enough for every resume)."""
+    sound; CheckpointError when its lbva_meta.json is missing or damaged. Without `checksums` only
+    presence and sizes are checked. share (k, n): check only the k-th of every n recorded files
+    (and, for k = 0, look for files not recorded), so that n ranks split the work and the union of
+    their lists is the whole."""
     folder = Path(folder)
     expected = read_meta(folder)["files"]
-    problems = []
-    if checksums:
-        actual = file_checksums(folder)
-    else:
-        actual = {p.name: {"bytes": p.stat().st_size} for p in folder.iterdir() if p.is_file() and p.name != META_FILE}
-    for name, info in expected.items():
-        if name not in actual:
+    index, count = share
+    mine = [name for position, name in enumerate(sorted(expected)) if position % count == index]
+    problems, to_hash = [], []
+    for name in mine:
+        path = folder / name
+        if not path.is_file():
             problems.append(f"{name}: missing")
-        elif actual[name]["bytes"] != info["bytes"]:
-            problems.append(f"{name}: {actual[name]['bytes']} bytes, expected {info['bytes']} (truncated?)")
-        elif checksums and actual[name]["sha256"] != info["sha256"]:
+        elif path.stat().st_size != expected[name]["bytes"]:
+            problems.append(f"{name}: {path.stat().st_size} bytes, expected {expected[name]['bytes']} (truncated?)")
+        elif checksums:
+            to_hash.append(name)
+    for name, digest in zip(to_hash, _sha256_all([folder / name for name in to_hash])):
+        if digest != expected[name]["sha256"]:
             problems.append(f"{name}: checksum differs from the one recorded at save time")
-    problems.extend(f"{name}: not recorded at save time" for name in actual if name not in expected)
+    if index == 0:
+        problems.extend(f"{path.name}: not recorded at save time" for path in sorted(folder.iterdir())
+                        if path.is_file() and path.name != META_FILE and path.name not in expected)
     return problems
 
 
@@ -112,8 +162,10 @@ class RetentionPolicy:
     keep_last: int = 3
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
 
-    def to_delete(self, steps: list[int]) -> list[int]:
+    def to_delete(self, steps: list[int], keep_also: tuple[int, ...] = ()) -> list[int]:
+        """The steps (oldest first) to delete; `keep_also` are kept whatever the policy."""
         keep = set(steps[-self.keep_last:]) if self.keep_last > 0 else set()
+        keep.update(keep_also)
         if steps:
             keep.add(steps[-1])  # never the newest
         if self.keep_every > 0:
@@ -151,6 +203,19 @@ class CheckpointManager:
 
     def _is_coordinator(self) -> bool:
         return not dist.is_initialized() or dist.get_rank() == 0
+
+    def _rank_and_size(self) -> tuple[int, int]:
+        if not dist.is_initialized():
+            return 0, 1
+        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+
+    def _from_coordinator(self, value):
+        """Rank 0's `value` on every rank."""
+        if not dist.is_initialized():
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, group=self.process_group, group_src=0)
+        return box[0]
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -230,13 +295,55 @@ class CheckpointManager:
                 **meta,
                 "files": file_checksums(partial),
             }
-            (partial / META_FILE).write_text(json.dumps(record, indent=1))
+            _write_synced(partial / META_FILE, json.dumps(record, indent=1))
             _fsync_dir(partial)
             os.replace(partial, step_dir(self.root, step))
             _fsync_dir(self.root)
-            for old in self.retention.to_delete(committed_steps(self.root)):
+            # The checkpoint just committed is the newest sound one (its checksums were just taken
+            # from the disk), also when folders of higher steps (a history resumed from an earlier
+            # checkpoint) outrank it in the policy: it is kept whatever the policy says.
+            for old in self.retention.to_delete(committed_steps(self.root), keep_also=(step,)):
                 shutil.rmtree(step_dir(self.root, old), ignore_errors=True)
         return step
+
+    def verify(self, folder: Path) -> list[str]:
+        """`verify(folder)`, checksums included, with the files split over the group's ranks (and
+        hashed in parallel threads on each); every rank returns the same list. A damaged or missing
+        lbva_meta.json is one problem in the list. Call it on every rank."""
+        rank, size = self._rank_and_size()
+        try:
+            mine = verify(folder, share=(rank, size))
+        except CheckpointError as error:
+            mine = [str(error)]
+        if size == 1:
+            return mine
+        gathered: list = [None] * size
+        dist.all_gather_object(gathered, mine, group=self.process_group)
+        return list(dict.fromkeys(problem for part in gathered for problem in part))
+
+    def newest_sound(self, root: Path) -> tuple[Path | None, dict[Path, list[str]]]:
+        """The newest committed checkpoint under root that verifies (None: none does), and the newer
+        ones that do not, each with its problems; the same on every rank. Call it on every rank."""
+        damaged: dict[Path, list[str]] = {}
+        for step in reversed(self._from_coordinator(committed_steps(root))):
+            folder = step_dir(root, step)
+            problems = self.verify(folder)
+            if not problems:
+                return folder, damaged
+            damaged[folder] = problems
+        return None, damaged
+
+    def set_aside(self, folders: list[Path]) -> list[Path]:
+        """Rename damaged checkpoints to step_N.damaged (by rank 0; every rank calls it), so that
+        resume and retention no longer count them and a new save of step N has its name back.
+        -> the new names."""
+        moved = []
+        if self._is_coordinator():
+            for folder in folders:
+                moved.append(_unused(Path(f"{folder}{_DAMAGED}")))
+                os.replace(folder, moved[-1])
+                _fsync_dir(moved[-1].parent)
+        return self._from_coordinator(moved)  # also the barrier: no rank reads on before the renames
 
     def load(self, folder: Path, state: dict) -> dict:
         """Load a committed checkpoint into `state` in place (DCP reshards to the current layout);
@@ -287,6 +394,23 @@ def _single_process_is_intended():
     filter is process-wide because async saves emit it from their background thread."""
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     yield
+
+
+def _unused(path: Path) -> Path:
+    """path, or path-1, path-2, ...: the first that does not exist."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Write and fsync a file: its content is on disk before the rename that publishes it."""
+    with path.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -99,7 +99,8 @@ def _cmd_local(args: argparse.Namespace) -> None:
     from .local import default_nproc, launch_local
 
     config = _load_config(args)  # a bad config ends here, in one line, not in every worker
-    launch_local(config, args.config, args.overrides, args.nproc or default_nproc(), args.max_restarts)
+    nproc = default_nproc() if args.nproc is None else args.nproc
+    launch_local(config, args.config, args.overrides, nproc, args.max_restarts)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lbva.checkpoints_tools.manager import committed_steps
+from lbva.checkpoints_tools.manager import CheckpointError, committed_steps, step_dir, verify
 from lbva.training.config import TrainConfig
 from lbva.training.distributed import world_from_env
 from lbva.errors import UserError
@@ -50,6 +50,16 @@ def newest_committed_step(run_dir: Path) -> int:
     return steps[-1] if steps else 0
 
 
+def _looks_sound(folder: Path) -> bool:
+    """Presence and sizes only (every rank decides alike without reading the whole checkpoint): a
+    run whose last checkpoint is damaged trains on, and resume=auto falls back past it, verifying
+    checksums as it loads."""
+    try:
+        return not verify(folder, checksums=False)
+    except CheckpointError:
+        return False
+
+
 def run_worker(config: TrainConfig, stop: StopFlag, console: Console | None = None) -> WorkerOutcome:
     """Train one rank of `config`'s run until its last step or until `stop` says so.
 
@@ -60,7 +70,7 @@ def run_worker(config: TrainConfig, stop: StopFlag, console: Console | None = No
     console = console or Console(quiet=world_from_env().rank != 0)
     run_dir = run_dir_of(config)
     start_step = newest_committed_step(run_dir)
-    if start_step >= config.run.steps:
+    if start_step >= config.run.steps and _looks_sound(step_dir(run_dir / "checkpoints", start_step)):
         console.print(f"{run_dir}: already at step {start_step} of {config.run.steps}; nothing to train",
                       soft_wrap=True)
         return WorkerOutcome(run_dir, start_step, config.run.steps, StopReason.NONE)

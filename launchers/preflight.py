@@ -1,7 +1,7 @@
 """The checks a launch makes on the submitting machine before it starts or submits anything: the
-run's parallel layout against the ranks the allocation gives it, and its data. Every rank makes
-them again at start (the trainer); here they end a run that cannot start in one line, before
-torchrun starts workers or a job waits in the queue for nothing."""
+run's parallel layout against the ranks the allocation gives it, its data and its run folder.
+Every rank makes them again at start (the trainer); here they end a run that cannot start in one
+line, before torchrun starts workers or a job waits in the queue for nothing."""
 
 from __future__ import annotations
 
@@ -23,3 +23,4 @@ def check_before_launch(config: TrainConfig, world_size: int, allocation: str) -
     except UserError as error:
         raise UserError(f"{allocation}: {error}") from error
     check_data_config(config)
+    config.run.make_dir()

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 
 GRID_SIZE = 1000
+# "bell": the reference's per-frame weight (bell_weights), zero at pure noise; "uniform": every
+# level weighs 1, so the highest noise levels, where only the history tells the clean frame, train too.
+LOSS_WEIGHTINGS = ("bell", "uniform")
 
 
 class FlowMatchGrid:
@@ -20,14 +23,16 @@ class FlowMatchGrid:
     actions shift 1 (LIBERO 0.05).
     """
 
-    def __init__(self, shift: float, size: int = GRID_SIZE):
+    def __init__(self, shift: float, size: int = GRID_SIZE, weighting: str = "bell"):
         if shift <= 0:
             raise ValueError(f"shift must be positive, got {shift}")
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting '{weighting}'; known: {', '.join(LOSS_WEIGHTINGS)}")
         s = torch.linspace(1.0, 0.0, size + 1, dtype=torch.float64)[:-1]
         self.size = size
         self.sigmas = (shift * s / (1 + (shift - 1) * s)).float()
         self.timesteps = self.sigmas * 1000.0
-        self.weights = bell_weights(self.timesteps, size)
+        self.weights = bell_weights(self.timesteps, size) if weighting == "bell" else torch.ones(size)
 
     def sample_indices(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """One grid index per frame: floor(size * u), u ~ U[0, 1)."""

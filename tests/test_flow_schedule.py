@@ -51,3 +51,15 @@ def test_noise_interpolates_and_target_is_noise_minus_data():
     x0, noise = torch.tensor([2.0]), torch.tensor([-1.0])
     assert torch.allclose(add_noise(x0, noise, torch.tensor(0.25)), torch.tensor([1.25]))
     assert torch.allclose(velocity_target(x0, noise), torch.tensor([-3.0]))
+
+
+def test_uniform_weighting_weighs_every_level_one_and_unknown_ones_are_refused():
+    grid = FlowMatchGrid(5.0, weighting="uniform")
+    assert torch.equal(grid.weights, torch.ones(1000))
+    assert torch.equal(grid.sigmas, FlowMatchGrid(5.0).sigmas)  # the levels drawn are the same
+    try:
+        FlowMatchGrid(5.0, weighting="triangle")
+    except ValueError as error:
+        assert "bell, uniform" in str(error)
+    else:
+        raise AssertionError("an unknown weighting was accepted")

@@ -3,11 +3,14 @@ command-line overrides by training/config_io.py, validated once at start-up."""
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from lbva.models.config import PRESETS
+from lbva.models.flow_schedule import LOSS_WEIGHTINGS
 from lbva.parallelism.mesh import ParallelConfig
 
 from lbva.errors import UserError
@@ -16,6 +19,22 @@ from lbva.errors import UserError
 def _check_range(name: str, pair: tuple, low: float) -> None:
     if len(pair) != 2 or pair[0] > pair[1] or pair[0] < low:
         raise UserError(f"{name} must be [low, high] with {low} <= low <= high, got {list(pair)}")
+
+
+def _check_number(name: str, value: float, low: float | None = None, high: float | None = None, *,
+                  low_open: bool = False, high_open: bool = False) -> None:
+    """A UserError naming `name` unless `value` is finite and inside the bounds (None: unbounded;
+    open: the bound itself is excluded). NaN and inf fail every comparison a plain `< 0` would pass."""
+    inside = math.isfinite(value)
+    if inside and low is not None:
+        inside = value > low if low_open else value >= low
+    if inside and high is not None:
+        inside = value < high if high_open else value <= high
+    if not inside:
+        bounds = [f"{'>' if low_open else '>='} {low:g}" if low is not None else "",
+                  f"{'<' if high_open else '<='} {high:g}" if high is not None else ""]
+        wanted = " and ".join(b for b in bounds if b)
+        raise UserError(f"{name} must be a finite number{' ' + wanted if wanted else ''}, got {value}")
 
 
 @dataclass
@@ -35,6 +54,12 @@ class RunConfig:
     eval_every: int = 0
 
     def validate(self) -> None:
+        # The run folder is output_dir/name: a name must not lead anywhere else.
+        if not self.name.strip() or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise UserError(f"run.name must be a non-empty folder name without path separators or '..', "
+                            f"got {self.name!r}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"run.seed must lie in [0, 2**63), got {self.seed}")
         if self.steps < 1:
             raise UserError(f"run.steps must be >= 1, got {self.steps}")
         if self.log_every < 1:
@@ -43,6 +68,20 @@ class RunConfig:
             raise UserError(f"run.eval_every must be >= 0 (0: with every log), got {self.eval_every}")
         if self.profile_steps and (len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
             raise UserError(f"run.profile_steps must be [first, last] with 1 <= first <= last, got {self.profile_steps}")
+
+    def make_dir(self) -> Path:
+        """Create the run folder output_dir/name (and its parents) -> its path; a path that cannot
+        be a folder (read-only, a file in the way, disk full) ends in a UserError naming it."""
+        run_dir = self.output_dir / self.name
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"run.output_dir: {run_dir} cannot be a folder: a file is in the way") from None
+        except OSError as error:
+            raise UserError(f"run.output_dir: cannot create {run_dir}: {error.strerror}") from None
+        if not os.access(run_dir, os.W_OK | os.X_OK):  # an existing folder on a read-only mount, or not ours
+            raise UserError(f"run.output_dir: {run_dir} is not writable")
+        return run_dir
 
 
 @dataclass
@@ -76,6 +115,10 @@ class DataSection:
     # validation evaluates `validation_sequences` packed sequences of them per source.
     validation_fraction: float = 0.02
     validation_sequences: int = 2
+    # The run stops, naming the sources and shards, when more than this fraction of its sample
+    # reads (all ranks) were bad and skipped (data.on_error=skip): judged from 20 reads on, and at
+    # once at a step without a single real token (training/guard.py DataGuard).
+    max_skipped_fraction: float = 0.1
 
     def weights(self) -> dict[str, float] | None:
         """source_weights as a mapping (None: uniform)."""
@@ -88,8 +131,8 @@ class DataSection:
                 parsed[name] = float(value)
             except ValueError:
                 raise UserError(f"data.source_weights: '{item}' is not SOURCE=WEIGHT") from None
-            if not name or parsed[name] < 0:
-                raise UserError(f"data.source_weights: '{item}' needs a source name and a weight >= 0")
+            if not name or not math.isfinite(parsed[name]) or parsed[name] < 0:
+                raise UserError(f"data.source_weights: '{item}' needs a source name and a finite weight >= 0")
         return parsed
 
     def validate(self) -> None:
@@ -100,8 +143,8 @@ class DataSection:
                      "validation_sequences"):
             if getattr(self, name) < 1:
                 raise UserError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise UserError(f"data.validation_fraction must lie in [0, 1), got {self.validation_fraction}")
+        _check_number("data.validation_fraction", self.validation_fraction, 0.0, 1.0, high_open=True)
+        _check_number("data.max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
 
 
 @dataclass
@@ -112,19 +155,23 @@ class ObjectiveConfig:
     # > 0 adds the forward-dynamics loss (paper Eq. 13, post-training for async deployment).
     forward_dynamics_weight: float = 0.0
     noisy_history_prob: float = 0.5
+    # Per-frame loss weight over the noise level (models/flow_schedule.py LOSS_WEIGHTINGS): "bell"
+    # is the reference's; "uniform" also trains the near-pure-noise levels the sampler starts from.
+    loss_weighting: str = "bell"
     text_dropout: float = 0.1
     chunk_size: tuple[int, int] = (1, 4)  # K ~ U{low..high} per step
     attention_window: tuple[int, int] = (4, 64)  # W ~ U{low..high} per step
 
     def validate(self) -> None:
         for name in ("video_shift", "action_shift"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"objective.{name} must be > 0, got {getattr(self, name)}")
+            _check_number(f"objective.{name}", getattr(self, name), 0.0, low_open=True)
         for name in ("noisy_history_prob", "text_dropout"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"objective.{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.action_weight < 0 or self.forward_dynamics_weight < 0:
-            raise UserError("objective.action_weight and objective.forward_dynamics_weight must be >= 0")
+            _check_number(f"objective.{name}", getattr(self, name), 0.0, 1.0)
+        for name in ("action_weight", "forward_dynamics_weight"):
+            _check_number(f"objective.{name}", getattr(self, name), 0.0)
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise UserError(f"objective.loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, "
+                            f"got '{self.loss_weighting}'")
         _check_range("objective.chunk_size", self.chunk_size, 1)
         _check_range("objective.attention_window", self.attention_window, 0)
 
@@ -146,16 +193,18 @@ class OptimConfig:
     ema_decay: float = 0.0
 
     def validate(self) -> None:
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise UserError(f"optim.ema_decay must lie in [0, 1) (0: no EMA), got {self.ema_decay}")
-        if self.lr <= 0:
-            raise UserError(f"optim.lr must be > 0, got {self.lr}")
+        _check_number("optim.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        # AdamW moves each weight by about lr per step: above 1 nothing trains (and above float32's
+        # range the step itself fails).
+        _check_number("optim.lr", self.lr, 0.0, 1.0, low_open=True)
+        for index, beta in enumerate(self.betas):
+            _check_number(f"optim.betas[{index}]", beta, 0.0, 1.0, high_open=True)
+        _check_number("optim.eps", self.eps, 0.0, low_open=True)
+        _check_number("optim.weight_decay", self.weight_decay, 0.0)
         if self.warmup_steps < 0:
             raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise UserError(f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip <= 0:
-            raise UserError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
+        _check_number("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_number("optim.grad_clip", self.grad_clip, 0.0, low_open=True)
         if self.max_nonfinite_steps < 1:
             raise UserError(f"optim.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .config import OptimConfig
+from .config import OptimConfig, TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.AdamW:
@@ -38,3 +38,30 @@ def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: OptimConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, config))
+
+
+def apply_optim_config(optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig, saved: dict,
+                       step: int) -> list[str]:
+    """After a resume at `step`: the config's optimizer and schedule settings replace what the
+    loaded optimizer and scheduler state hold (lr, betas, eps, weight decay) and what the
+    checkpoint was saved with (warmup, min lr ratio, run length). Called on every rank.
+    `saved`: the checkpoint's config (config_to_dict form). -> "key old -> new" per changed key."""
+    optim = config.optim
+    decay_group = optimizer.param_groups[0]  # build_optimizer: matrices first, decayed
+    loaded = {"lr": scheduler.base_lrs[0], "betas": list(decay_group["betas"]), "eps": decay_group["eps"],
+              "weight_decay": decay_group["weight_decay"]}
+    previous = {f"optim.{key}": value for key, value in saved.get("optim", {}).items()}
+    previous.update({f"optim.{key}": value for key, value in loaded.items()})
+    previous["run.steps"] = saved.get("run", {}).get("steps")
+    wanted = {f"optim.{key}": getattr(optim, key) for key in ("lr", "eps", "weight_decay", "warmup_steps",
+                                                              "min_lr_ratio")}
+    wanted.update({"optim.betas": list(optim.betas), "run.steps": config.run.steps})
+    changes = [f"{key} {previous[key]} -> {value}" for key, value in wanted.items()
+               if previous.get(key) is not None and previous[key] != value]
+    lr = optim.lr * lr_factor(step, config.run.steps, optim)
+    for group, weight_decay in zip(optimizer.param_groups, (optim.weight_decay, 0.0)):
+        group.update(lr=lr, initial_lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=weight_decay)
+    # LambdaLR multiplies base_lrs, which its loaded state set to the checkpoint's peak lr.
+    scheduler.base_lrs = [optim.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [lr] * len(optimizer.param_groups)
+    return changes

@@ -139,8 +139,8 @@ class FlowMatchingObjective:
     def __init__(self, config: ObjectiveConfig, empty_text: torch.Tensor):
         """empty_text [T, text_dim]: the text encoding of "" used for CFG text dropout."""
         self.config = config
-        self.video_grid = FlowMatchGrid(config.video_shift)
-        self.action_grid = FlowMatchGrid(config.action_shift)
+        self.video_grid = FlowMatchGrid(config.video_shift, weighting=config.loss_weighting)
+        self.action_grid = FlowMatchGrid(config.action_shift, weighting=config.loss_weighting)
         self.empty_text = empty_text
 
     def draw(self, seq: PackedSequence, generator: torch.Generator) -> StepDraws:

@@ -22,7 +22,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from lbva.checkpoints_tools.manager import CheckpointManager, RetentionPolicy
+from lbva.checkpoints_tools.manager import CheckpointManager, RetentionPolicy, committed_steps, read_meta, step_dir
 from lbva.checkpoints_tools.train_state import TrainState
 from lbva.errors import UserError
 from lbva.models.config import get_preset
@@ -38,15 +38,16 @@ from lbva.parallelism.step_layout import StepLayout
 from .config import TrainConfig
 from .config_io import config_to_dict, dump_toml
 from .data.packing import PackedSequence
+from .data.reader import DataError
 from .data.source import ValidationSet, build_training_data, check_data_config
 from .distributed import Processes, checkpoint_group, mean_over, start_processes, sum_over
 from .ema import build_ema
-from .guard import NonFiniteGuard, parameters_finite
+from .guard import DataGuard, NonFiniteGuard, parameters_finite
 from .ledger import Ledger
 from .metrics import MetricsLogger
 from .metrics_window import MetricsWindow, model_flops_per_token, peak_tflops
 from .profiling import StepProfiler
-from .optim import build_optimizer, build_scheduler
+from .optim import apply_optim_config, build_optimizer, build_scheduler
 from .resume import resume
 from .step import FlowMatchingObjective, evaluate_objective, run_objective, weighted_terms
 
@@ -87,6 +88,11 @@ def train(
     checkpoints.guard(optimizer)  # an optimizer step waits until an in-flight save has copied the state
     meta = checkpoint_meta(config, model, procs)
     resume(config, run_dir, checkpoints, state, meta, console)
+    refuse_later_checkpoints(config, run_dir, state.step)
+    if state.step > 0:
+        saved_config = resumed_config(config, run_dir, state.step)
+        for change in apply_optim_config(optimizer, scheduler, config, saved_config, state.step):
+            console.print(f"resume: {change} (the config wins over the checkpoint)")
     saved_step = state.step  # the newest step already on disk (0: none)
     console.print(f"[bold]lbva train[/bold] {config.run.name}: preset {config.model.preset}, "
                   f"{count_parameters(model):,} parameters, {data.description}, device {device}, {procs.describe()}")
@@ -104,11 +110,13 @@ def train(
                                world_size=procs.world.world_size, peak_tflops=peak_tflops(device),
                                flops_per_token=model_flops_per_token(model.config, config, data.sample))
         guard = NonFiniteGuard(config.optim.max_nonfinite_steps, console, procs.dp_group, device)
+        data_guard = DataGuard(config.data.max_skipped_fraction, data.batches, procs.dp_group, device)
         profiler = StepProfiler(config.run.profile_steps, run_dir, procs.logging_rank, device)
         stack.callback(profiler.close)
         for step in range(state.step + 1, config.run.steps + 1):
             profiler.before_step(step)
-            seqs, waited = next_sequences(batches, config.parallel.microbatches)
+            seqs, waited, failure = next_sequences(batches, config.parallel.microbatches)
+            data_guard.check(step, seqs, failure)
             ledger.record(step, seqs)
             terms, grad_norm, tokens = forward_backward(model, pipeline, objective, step_layout, seqs, step, config,
                                                         procs, fp8)
@@ -138,7 +146,7 @@ def train(
             if stop is not None and stop(step):
                 console.print(f"stopping at step {step} as asked; checkpointing")
                 break
-        saved_step = save_if_finite(checkpoints, state, meta, saved_step, model, device, console)
+        saved_step = save_if_finite(checkpoints, state, meta, saved_step, model, device, console, last=True)
         checkpoints.close()
     save_final_weights(model, run_dir, procs)
     procs.close()
@@ -151,9 +159,8 @@ def open_run(config: TrainConfig, procs: Processes, console: Console | None) -> 
     # soft_wrap: job logs are not terminals; rich would wrap lines at 80 columns there.
     if not procs.logging_rank or console is None:
         console = Console(quiet=not procs.logging_rank, soft_wrap=True)
-    run_dir = config.run.output_dir / config.run.name
+    run_dir = config.run.make_dir()  # on every rank, so a path that cannot be one stops them all alike
     if procs.logging_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
         dump_toml(config, run_dir / "config.toml")
     return console, run_dir
 
@@ -251,11 +258,39 @@ def token_weights(seqs: list[PackedSequence], dp_group, dp_size: int, device) ->
     return [dp_size * seq.real_tokens / total if total else 0.0 for seq in seqs], total
 
 
-def next_sequences(batches, count: int) -> tuple[list[PackedSequence], float]:
-    """This rank's `count` sequences of a step, and the seconds the loop waited for them."""
+def next_sequences(batches, count: int) -> tuple[list[PackedSequence], float, DataError | None]:
+    """This rank's `count` sequences of a step, the seconds the loop waited for them, and the
+    DataError its loader raised instead (data.on_error='fail'), which the data guard makes every
+    rank raise."""
     started = time.perf_counter()
-    seqs = [next(batches) for _ in range(count)]
-    return seqs, time.perf_counter() - started
+    try:
+        seqs, failure = [next(batches) for _ in range(count)], None
+    except DataError as error:
+        seqs, failure = [], error
+    return seqs, time.perf_counter() - started, failure
+
+
+def refuse_later_checkpoints(config: TrainConfig, run_dir: Path, step: int) -> None:
+    """A run that starts at `step` (0: from scratch) would meet the committed checkpoints of a
+    previous run into the same folder when it saves; refuse it before training, in one line.
+    (checkpoint.resume=auto starts from the newest sound one, the damaged ones above it set
+    aside, so it meets none.)"""
+    if config.checkpoint.resume == "auto":
+        return
+    later = [s for s in committed_steps(run_dir / "checkpoints") if s > step]
+    if later:
+        start = f"starts at step {step}" if step else "starts from scratch"
+        raise UserError(f"checkpoint.resume={config.checkpoint.resume}: {run_dir} already holds checkpoints up to "
+                        f"step {later[-1]} and this run {start}; set checkpoint.resume=auto to continue that run, "
+                        "or choose another run.name")
+
+
+def resumed_config(config: TrainConfig, run_dir: Path, step: int) -> dict:
+    """The config the checkpoint of `step` was saved with (as config_to_dict writes it; {} when
+    its meta holds none): what a resume compares the optimizer settings with."""
+    choice = config.checkpoint.resume
+    folder = step_dir(run_dir / "checkpoints", step) if choice == "auto" else Path(choice)
+    return read_meta(folder).get("config", {})
 
 
 def validation_due(step: int, config: TrainConfig) -> bool:
@@ -290,13 +325,20 @@ def forward_backward(model, pipeline, objective, layout: StepLayout, seqs: list[
 
 
 def save_if_finite(checkpoints: CheckpointManager, state: TrainState, meta: dict, saved_step: int, model, device,
-                   console: Console) -> int:
+                   console: Console, last: bool = False) -> int:
     """Checkpoint `state` unless its step is on disk already or its weights are not finite (on
-    any rank). -> the newest step on disk."""
+    any rank). -> the newest step on disk. Weights that are not finite at the `last` save of a
+    run stop it with a UserError on every rank, so such a run neither ends as a success nor
+    writes model.safetensors."""
     if saved_step == state.step:
         return saved_step
     if not parameters_finite(model, device):
-        console.print(f"step {state.step}: the weights are not finite; not checkpointed")
+        kept = f"the checkpoint of step {saved_step}" if saved_step else "no checkpoint"
+        if last:
+            raise UserError(f"step {state.step}: the weights are not finite (an update overflowed: optim.lr or the "
+                            f"data?); not checkpointed, the last good weights are in {kept}")
+        console.print(f"step {state.step}: the weights are not finite; not checkpointed (the last good weights are "
+                      f"in {kept})")
         return saved_step
     checkpoints.save(state.step, {"train": state}, meta)
     return state.step

@@ -94,6 +94,7 @@ class LoadedSequence:
     index: int  # global sequence index
     position_after: StreamPosition  # the stream's position once every rank has trained this step
     bad: list[BadRecord]
+    samples: int  # distinct samples the sequence tried to read (bad ones included)
 
 
 class PreparedStream(IterableDataset):
@@ -164,8 +165,10 @@ class PreparedStream(IterableDataset):
             if rank != self.rank or step % workers != worker:
                 continue
             sequence, bad = self._load(planned.windows, reader)
+            if info is None:  # in a worker the PackedLoader decides, so the error leaves as one line
+                fail_on_bad(bad, self.on_error)
             after = StreamPosition(start.consumed + (step + 1) * self.world_size, step_cursor)
-            yield LoadedSequence(sequence, planned.index, after, bad)
+            yield LoadedSequence(sequence, planned.index, after, bad, len({w.sample.key for w in planned.windows}))
 
     def _load(self, windows: list[Window], reader: SampleReader) -> tuple[PackedSequence, list[BadRecord]]:
         """Read each window's frames; a sample with a window that fails is left out of the whole
@@ -179,8 +182,9 @@ class PreparedStream(IterableDataset):
             try:
                 sample = reader.load_frames(entry, window.start, window.frames)
             except BadSample as problem:
-                record = BadRecord(problem.kind, entry.key, str(entry.shard), problem.detail)
-                report_bad(record, self.on_error)
+                record = BadRecord(problem.kind, entry.key, str(entry.shard), problem.detail, entry.source)
+                if self.on_error == "skip":
+                    report_bad(record, "skip")
                 bad[entry.key] = record
                 continue
             loaded.append(LoadedWindow(sample, 0, window.frames, window.start))
@@ -220,6 +224,12 @@ class PreparedStream(IterableDataset):
         )
 
 
+def fail_on_bad(bad: list[BadRecord], on_error: OnError) -> None:
+    """Under on_error='fail', raise the first bad record of a sequence as a DataError."""
+    if bad and on_error == "fail":
+        report_bad(bad[0], on_error)
+
+
 def _as_is(item: LoadedSequence) -> LoadedSequence:
     return item
 
@@ -255,7 +265,9 @@ class PackedLoader:
     Yields PackedSequence. state_dict() describes the position after the last sequence handed
     out; load_state_dict() sets where the next iter() starts. Use one iterator at a time.
     bad_data counts the problems found by kind (index problems at construction, then every bad
-    sample load this rank saw; a sample with several windows counts once per sequence).
+    sample load this rank saw; a sample with several windows counts once per sequence);
+    samples_read / samples_skipped count the sample loads of this rank's sequences and the bad
+    ones among them, bad_shards the bad sample loads per (source, shard).
     """
 
     def __init__(self, stream: PreparedStream, *, num_workers: int = 0, prefetch_factor: int = 2):
@@ -265,21 +277,32 @@ class PackedLoader:
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.bad_data: Counter[str] = Counter(record.kind for record in stream.index_problems)
+        self.samples_read = self.samples_skipped = 0
+        self.bad_shards: Counter[tuple[str, str]] = Counter()
         self._position = stream.position
 
     def __iter__(self) -> Iterator[PackedSequence]:
-        """Close the returned generator (or let it be collected) to end the loader workers: their
-        iterator shuts them down at once. Left to interpreter exit, multiprocessing would instead
+        """Close the returned generator (or let it be collected) to end the loader workers; they
+        also end when an error leaves it. Left to interpreter exit, multiprocessing would instead
         terminate them, which workers that ignore SIGTERM survive, and then wait for them forever."""
         self.stream.position = self._position
         items = iter(torch_data_loader(self.stream, self.num_workers, self.prefetch_factor))
         try:
             for item in items:
+                fail_on_bad(item.bad, self.stream.on_error)
                 self._position = item.position_after
                 self.bad_data.update(record.kind for record in item.bad)
+                self.samples_read += item.samples
+                self.samples_skipped += len(item.bad)
+                self.bad_shards.update((record.source, record.shard) for record in item.bad)
                 yield item.sequence
         finally:
-            del items  # the last reference: the DataLoader iterator shuts its workers down and joins them
+            # Shut the workers down here rather than when the DataLoader iterator is collected: an
+            # exception's traceback (a worker's error re-raised by the iterator) keeps it alive.
+            shutdown = getattr(items, "_shutdown_workers", None)  # multi-process iterators only
+            if shutdown is not None:
+                shutdown()
+            del items
 
     def state_dict(self) -> dict:
         plan = self.stream.plan

@@ -10,6 +10,7 @@ range per channel).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -41,10 +42,11 @@ class BadRecord:
     """One problem with the data: what kind, which sample (or '*' for a whole shard) and where."""
 
     kind: str  # missing_index, bad_index_line, duplicate_key, unreadable_shard, missing_sample,
-    # truncated, undecodable, length_mismatch, index_mismatch, non_finite, missing_text
+    # truncated, undecodable, bad_shape, length_mismatch, index_mismatch, non_finite, missing_text
     key: str
     shard: str
     detail: str
+    source: str = ""
 
     def message(self) -> str:
         return f"{self.kind}: sample {self.key} in {self.shard}: {self.detail}"
@@ -82,13 +84,14 @@ def _read_source(root: Path, source: str, on_error: OnError) -> tuple[SourceInde
 
     table = read_table(root, source)
     for found in table.problems:
-        problem(BadRecord(*found))
+        problem(BadRecord(*found, source=source))
     # A committed shard that no index line names (its task's index is missing, or prepare stopped
     # between committing the shard and writing its lines) is never read: say so.
     indexed = {root / shard for shard in table.shards}
     for shard in sorted((root / "shards" / source).glob("t*-*.tar")):
         if shard not in indexed:
-            problem(BadRecord("missing_index", "*", str(shard), f"no line of index/{source}/ names this shard"))
+            problem(BadRecord("missing_index", "*", str(shard), f"no line of index/{source}/ names this shard",
+                              source))
     return SourceIndex(source, root, table), problems
 
 
@@ -144,9 +147,11 @@ class TextStore:
             raise BadSample("missing_text", f"no text embedding '{text_id}' in texts/{source}/")
         with safe_open(path, framework="pt") as handle:
             stored = handle.get_tensor(text_id)
-        if stored.ndim != 2 or stored.shape[0] > self.text_tokens:
-            raise BadSample("undecodable", f"text embedding '{text_id}' has shape {tuple(stored.shape)}, "
-                            f"expected [<= {self.text_tokens}, text_dim]")
+        if stored.ndim != 2 or stored.shape[0] > self.text_tokens or not stored.is_floating_point():
+            raise BadSample("undecodable", f"text embedding '{text_id}' is {stored.dtype} {tuple(stored.shape)}, "
+                            f"expected floating point [<= {self.text_tokens}, text_dim]")
+        if not bool(torch.isfinite(stored).all()):
+            raise BadSample("non_finite", f"NaN or inf in text embedding '{text_id}'")
         padded = torch.zeros(self.text_tokens, stored.shape[1])
         padded[: stored.shape[0]] = stored.float()
         return padded
@@ -382,7 +387,7 @@ class SampleReader:
                 raise BadSample("undecodable", f"{type(error).__name__}: {error}") from error
             latents_header = sample.array_header("latents.npy")
             actions_header = sample.array_header("actions.npy")
-            self._check(entry, latents_header[0], actions_header[0], action_mask.shape, meta.key)
+            self._check(entry, latents_header, actions_header, action_mask, meta.key)
             if not 0 <= start < start + frames <= entry.latent_frames:
                 raise ValueError(f"frames {start}..{start + frames} outside the {entry.latent_frames} of {entry.key}")
             latents = sample.frames("latents.npy", latents_header, 1, start, frames)
@@ -391,29 +396,51 @@ class SampleReader:
             raise BadSample("non_finite", "NaN or inf in latents")
         if not np.isfinite(actions).all():
             raise BadSample("non_finite", "NaN or inf in actions")
+        text_emb = self.texts.get(entry.source, meta.text_id)
+        if text_emb.shape != self.text_shape:
+            raise BadSample("bad_shape", f"text embedding '{meta.text_id}' is {text_emb.shape[-1]} wide, the "
+                            f"dataset's empty text {self.text_shape[-1]}")
         return EpisodeSample(
             key=entry.key,
             source=entry.source,
             latents=torch.from_numpy(latents.astype(np.float32)),
             actions=torch.from_numpy(actions.astype(np.float32)),
             action_mask=torch.from_numpy(action_mask.astype(bool)),
-            text_emb=self.texts.get(entry.source, meta.text_id),
+            text_emb=text_emb,
         )
 
-    def _check(self, entry: IndexEntry, latents: tuple, actions: tuple, action_mask: tuple, meta_key: str) -> None:
-        """The checks on the shapes (from the npy headers) against the model and the index."""
+    @functools.cached_property
+    def text_shape(self) -> torch.Size:
+        """[text_tokens, text_dim] of every text embedding: the empty text's (checked against the model)."""
+        return self.texts.empty_text().shape
+
+    def _check(self, entry: IndexEntry, latents_header: tuple, actions_header: tuple, action_mask: np.ndarray,
+               meta_key: str) -> None:
+        """The checks on the dtypes and shapes (from the npy headers) against the model and the index:
+        whatever passes them packs and patchifies."""
+        (latents, latents_dtype, _), (actions, actions_dtype, _) = latents_header, actions_header
         if meta_key != entry.key:
             raise BadSample("index_mismatch", f"meta.json names sample {meta_key}")
+        # Complex values would be cast to real with only a warning, strings not at all.
+        for name, dtype in (("latents", latents_dtype), ("actions", actions_dtype)):
+            if dtype.kind != "f":
+                raise BadSample("undecodable", f"{name} of dtype {dtype}, expected a floating-point type")
+        if action_mask.dtype.kind not in "biu":
+            raise BadSample("undecodable", f"action_mask of dtype {action_mask.dtype}, expected bool")
+        mask_shape = action_mask.shape
         if len(latents) != 4 or latents[0] != self.latent_channels:
             raise BadSample("undecodable", f"latents {latents}, expected [{self.latent_channels}, F, h, w]")
-        if len(actions) != 3 or actions[0] != ACTION_DIM or action_mask != (ACTION_DIM,):
-            raise BadSample("undecodable", f"actions {actions} / action_mask {action_mask}, "
+        if len(actions) != 3 or actions[0] != ACTION_DIM or mask_shape != (ACTION_DIM,):
+            raise BadSample("undecodable", f"actions {actions} / action_mask {mask_shape}, "
                             f"expected [{ACTION_DIM}, F, N] / [{ACTION_DIM}]")
         frames = latents[1]
         if actions[1] != frames:
             raise BadSample("length_mismatch", f"latents have {frames} frames, actions {actions[1]}")
         if frames != entry.latent_frames:
             raise BadSample("index_mismatch", f"index says {entry.latent_frames} latent frames, shard has {frames}")
+        if latents[2] % self.patch[1] or latents[3] % self.patch[2] or not latents[2] or not latents[3]:
+            raise BadSample("bad_shape", f"latents {latents}: height and width must be positive multiples of the "
+                            f"patch {self.patch[1:]}")
         video_tokens = (latents[2] // self.patch[1]) * (latents[3] // self.patch[2])
         if video_tokens + actions[2] != entry.tokens_per_frame:
             raise BadSample("index_mismatch", f"index says {entry.tokens_per_frame} tokens per frame, shard has "

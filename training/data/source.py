@@ -92,7 +92,9 @@ def build_training_data(config: TrainConfig, model: LingBotVA, dp_rank: int = 0,
                              select=training_part, weights=data.weights())
     _check_text_width(stream.empty_text.shape[-1], model, f"data.prepared {data.prepared[0]}")
     split = splits[0]
-    sample = next(iter(stream)).sequence
+    # Global sequence 0 on every rank: bad data in it (data.on_error='fail') stops every rank alike.
+    first = prepared_stream(config, model, seed=config.run.seed, select=lambda _: split.train, weights=data.weights())
+    sample = next(iter(first)).sequence
     validation = validation_sets(config, model, split) or [ValidationSet("train", [sample])]
     cards = {str(p): json.loads((p / "card.json").read_text()) for p in data.prepared}
     return TrainingData(
