@@ -7,7 +7,7 @@ from lbva.models.attention import AttentionKernels, sdpa_kernel
 from lbva.models.config import PRESETS, get_preset
 from lbva.models.info import build_on_meta, parameter_counts
 from lbva.models.mot import LingBotVA, ModelInputs
-from lbva.models.patching import action_positions, video_positions
+from lbva.models.patching import action_positions, input_to_output_order, video_positions
 
 
 def test_shared_preset_has_the_released_parameter_count():
@@ -84,3 +84,28 @@ def test_a_video_stream_narrower_than_its_tokens_is_refused_with_the_numbers():
 def test_an_action_output_path_narrower_than_the_action_space_is_refused():
     with pytest.raises(ValueError, match="action_io_hidden"):
         get_preset("tiny-mot", action_io_hidden=16)
+
+
+@pytest.mark.parametrize("preset", ["demo-mot", "tiny-shared"])
+def test_an_untrained_model_hands_its_pure_noise_input_back_as_the_velocity(preset):
+    """The from-scratch head passes the noisy input through (LingBotVA.init_weights): at sigma 1
+    the velocity noise - x0 is the input up to the data, which a head learnt from zero took the
+    demo longer than its whole run to find. The unexplained share of the noise stays small."""
+    torch.manual_seed(0)
+    config = get_preset(preset)
+    model = LingBotVA(config)
+    frames, h, w, n = 2, 4, 4, 4
+    lv, la = frames * h * w, frames * n
+    noise = torch.randn(1, lv, config.video_token_dim)
+    inputs = ModelInputs(
+        video_tokens=noise, video_timesteps=torch.full((1, lv), 1000.0),
+        video_positions=video_positions(frames, h, w)[None],
+        action_tokens=torch.randn(1, la, config.action_dim), action_timesteps=torch.full((1, la), 1000.0),
+        action_positions=action_positions(frames, n)[None], text=torch.randn(1, 5, config.text_dim),
+    )
+    with torch.no_grad():
+        video, _ = model(inputs, AttentionKernels(sdpa_kernel(None), sdpa_kernel(None)))
+    target = input_to_output_order(noise, config.patch_size)
+    alpha = float((video * target).sum() / (target * target).sum())  # the noise's share in the prediction
+    residual = float(((video - alpha * target) ** 2).mean())
+    assert 0.5 < alpha < 1.5 and residual < 0.5, (alpha, residual)
