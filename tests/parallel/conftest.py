@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from harness import TrainCase, TrainRecord
+from harness import PARAMETER_TOLERANCE, TrainCase, TrainRecord
 from helpers import PAD_MULTIPLE, tiny_sequence
 from lbva.models.config import get_preset
 from lbva.training.config import ObjectiveConfig, OptimConfig
@@ -48,7 +48,7 @@ def parity_case() -> Callable[..., TrainCase]:
 
 def check_parity(reference: TrainRecord, run: TrainRecord, tolerance: float = 1e-5) -> None:
     """Losses within `tolerance` relative, first-step gradients within `tolerance` of each tensor's
-    largest entry, final parameters within `tolerance` absolute; the same parameter names."""
+    largest entry, final parameters within PARAMETER_TOLERANCE absolute; the same parameter names."""
     assert run.parameters.keys() == reference.parameters.keys()
     assert run.gradients.keys() == reference.gradients.keys()
     for step, (expected, got) in enumerate(zip(reference.losses, run.losses, strict=True)):
@@ -58,7 +58,7 @@ def check_parity(reference: TrainRecord, run: TrainRecord, tolerance: float = 1e
         assert error <= tolerance * expected.abs().max().item(), f"gradient of {name}: off by {error:.2e}"
     for name, expected in reference.parameters.items():
         error = (run.parameters[name] - expected).abs().max().item()
-        assert error <= tolerance, f"{name}: off by {error:.2e}"
+        assert error <= max(tolerance, PARAMETER_TOLERANCE), f"{name}: off by {error:.2e}"
 
 
 @pytest.fixture(scope="session")

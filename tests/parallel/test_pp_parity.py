@@ -30,7 +30,7 @@ from harness import (
     reference_run,
 )
 from helpers import random_sample
-from test_cp_parity import parity_gaps
+from test_cp_parity import assert_small_gaps, parity_gaps
 
 
 def pipeline_train_rank(case: TrainCase, parallel: ParallelConfig) -> TrainRecord:
@@ -90,7 +90,9 @@ def test_padding_a_microbatch_changes_neither_its_loss_nor_its_gradients(parity_
     padded = pad_step_batch(batch, batch.num_video + 32, batch.num_action + 32, batch.inputs.text.shape[1] + 4)
     padded_loss, padded_grads = _losses_and_gradients(model, objective, padded)
     assert abs(padded_loss - loss) <= 1e-6 * abs(loss)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(padded_grads, grads, strict=True))
+    # Each gradient within 1e-5 of its largest entry, as the parity checks compare them (entries
+    # near zero differ by summation order alone).
+    assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(padded_grads, grads, strict=True))
 
 
 def varied_lengths(case: TrainCase) -> TrainCase:
@@ -117,11 +119,11 @@ def test_pp2_1f1b_matches_one_process(parity_case):
     case = varied_lengths(parity_case("tiny-mot", dp_size=2))  # two microbatches per step
     record = parallel_run(case, ParallelConfig(pp=2, dp_shard=1), 2, rank_fn=pipeline_train_rank)
     gaps = parity_gaps(record, reference_run(case))
-    assert max(gaps.values()) < 1e-5, gaps
+    assert_small_gaps(gaps)
 
 
 def test_pp2_interleaved_1f1b_matches_one_process(parity_case):
     case = parity_case("demo-mot", dp_size=2)  # 4 depths: 2 virtual stages per rank
     record = parallel_run(case, ParallelConfig(pp=2, pp_virtual_stages=2, dp_shard=1), 2, rank_fn=pipeline_train_rank)
     gaps = parity_gaps(record, reference_run(case))
-    assert max(gaps.values()) < 1e-5, gaps
+    assert_small_gaps(gaps)
