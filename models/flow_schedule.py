@@ -2,7 +2,8 @@
 
 x_sigma = (1 - sigma) * x0 + sigma * noise, the model predicts the velocity noise - x0, and its
 timestep input is sigma * 1000 (1000 = pure noise). Training draws one index per latent frame on a
-shifted 1000-point grid and weights each frame's loss by a bell over the timestep; inference walks
+shifted 1000-point grid and weights each frame's loss by a bell over the timestep (or, by choice,
+uniformly: LOSS_WEIGHTINGS); inference walks
 the same shifted grid with fewer points.
 """
 

@@ -1,5 +1,6 @@
 """The flow-matching noise schedule of spec 3 against hand-computed values."""
 
+import pytest
 import torch
 
 from lbva.models.flow_schedule import FlowMatchGrid, add_noise, bell_weights, velocity_target
@@ -57,9 +58,5 @@ def test_uniform_weighting_weighs_every_level_one_and_unknown_ones_are_refused()
     grid = FlowMatchGrid(5.0, weighting="uniform")
     assert torch.equal(grid.weights, torch.ones(1000))
     assert torch.equal(grid.sigmas, FlowMatchGrid(5.0).sigmas)  # the levels drawn are the same
-    try:
+    with pytest.raises(ValueError, match="bell, uniform"):
         FlowMatchGrid(5.0, weighting="triangle")
-    except ValueError as error:
-        assert "bell, uniform" in str(error)
-    else:
-        raise AssertionError("an unknown weighting was accepted")

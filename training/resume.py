@@ -12,7 +12,7 @@ from lbva.checkpoints_tools.train_state import TrainState
 from lbva.errors import UserError
 
 from .config import TrainConfig
-from .optim import lr_factor
+from .optim import apply_optim_config, lr_factor
 
 
 def resolve_resume(config: TrainConfig, run_dir: Path, checkpoints: CheckpointManager,
@@ -61,8 +61,13 @@ def resume(config: TrainConfig, run_dir: Path, checkpoints: CheckpointManager, s
     missing = load_checkpoint(checkpoints, folder, state, meta)
     if "ema" in missing and state.ema is not None:
         console.print(f"{folder} holds no EMA of the weights: the average starts from the resumed weights")
-    for group in state.optimizer.param_groups:
-        group["lr"] = config.optim.lr * lr_factor(state.step, config.run.steps, config.optim)
+    if state.step > 0:  # an optimizer and schedule were loaded: the config's settings replace theirs
+        saved_config = read_meta(folder).get("config", {})
+        for change in apply_optim_config(state.optimizer, state.scheduler, config, saved_config, state.step):
+            console.print(f"resume: {change} (the config wins over the checkpoint)")
+    else:
+        for group in state.optimizer.param_groups:
+            group["lr"] = config.optim.lr * lr_factor(state.step, config.run.steps, config.optim)
     console.print(f"resumed from {folder} at step {state.step}", soft_wrap=True)  # one line in job logs
 
 

@@ -22,7 +22,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from lbva.checkpoints_tools.manager import CheckpointManager, RetentionPolicy, committed_steps, read_meta, step_dir
+from lbva.checkpoints_tools.manager import CheckpointManager, RetentionPolicy, committed_steps
 from lbva.checkpoints_tools.train_state import TrainState
 from lbva.errors import UserError
 from lbva.models.config import get_preset
@@ -47,7 +47,7 @@ from .ledger import Ledger
 from .metrics import MetricsLogger
 from .metrics_window import MetricsWindow, model_flops_per_token, peak_tflops
 from .profiling import StepProfiler
-from .optim import apply_optim_config, build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler
 from .resume import resume
 from .step import FlowMatchingObjective, evaluate_objective, run_objective, weighted_terms
 
@@ -89,10 +89,6 @@ def train(
     meta = checkpoint_meta(config, model, procs)
     resume(config, run_dir, checkpoints, state, meta, console)
     refuse_later_checkpoints(config, run_dir, state.step)
-    if state.step > 0:
-        saved_config = resumed_config(config, run_dir, state.step)
-        for change in apply_optim_config(optimizer, scheduler, config, saved_config, state.step):
-            console.print(f"resume: {change} (the config wins over the checkpoint)")
     saved_step = state.step  # the newest step already on disk (0: none)
     console.print(f"[bold]lbva train[/bold] {config.run.name}: preset {config.model.preset}, "
                   f"{count_parameters(model):,} parameters, {data.description}, device {device}, {procs.describe()}")
@@ -283,14 +279,6 @@ def refuse_later_checkpoints(config: TrainConfig, run_dir: Path, step: int) -> N
         raise UserError(f"checkpoint.resume={config.checkpoint.resume}: {run_dir} already holds checkpoints up to "
                         f"step {later[-1]} and this run {start}; set checkpoint.resume=auto to continue that run, "
                         "or choose another run.name")
-
-
-def resumed_config(config: TrainConfig, run_dir: Path, step: int) -> dict:
-    """The config the checkpoint of `step` was saved with (as config_to_dict writes it; {} when
-    its meta holds none): what a resume compares the optimizer settings with."""
-    choice = config.checkpoint.resume
-    folder = step_dir(run_dir / "checkpoints", step) if choice == "auto" else Path(choice)
-    return read_meta(folder).get("config", {})
 
 
 def validation_due(step: int, config: TrainConfig) -> bool:
