@@ -59,7 +59,8 @@ def _load_recipe(path: Path, overrides: list[str]) -> plan.Recipe:
         forward_dynamics=objective.forward_dynamics_weight > 0, pad_multiple=data.pad_multiple,
     )
     return plan.Recipe(name=path.name, preset=config.model.preset, parallel=config.parallel, mix=mix,
-                       steps=config.run.steps, attention="sdpa" if config.model.attention == "sdpa" else "flex")
+                       steps=config.run.steps, attention="sdpa" if config.model.attention == "sdpa" else "flex",
+                       ema=config.optim.ema_decay > 0)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:

@@ -63,6 +63,11 @@ class ParallelConfig:
     # (>= pp; a multiple of pp with virtual stages), or without pipeline stages the sequences whose
     # gradients accumulate (one backward each) before the optimizer step.
     microbatches: int = 1
+    # With microbatches > 1 and no pipeline: reduce-scatter the gradients once, after the last
+    # sequence, instead of after each one (FSDP2's set_requires_gradient_sync). Fewer collectives,
+    # but each rank then holds its replica's unsharded fp32 gradients during the step. HSDP's
+    # all-reduce over dp_replicate waits for the last sequence either way (it costs no memory).
+    defer_reduce_scatter: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ The model of a step (see `memory_estimate` and `step_estimate`):
   weight outside the blocks. With FSDP2's MixedPrecisionPolicy(param=bf16, reduce=fp32) the sharded
   fp32 parameter is the master copy, so there is no separate one: 16 bytes per sharded parameter.
   With one micro-batch per step the gradients fill in while backward frees the activations, so
-  only the larger of the two counts.
+  only the larger of the two counts. An EMA of the weights (optim.ema_decay > 0) adds one fp32
+  copy sharded like the parameters: 4 more bytes per sharded parameter.
 - Activations per token per layer are counted tensor by tensor from models/blocks.py (what autograd
   keeps for backward, fp32 where the block computes in fp32), divided by cp (Ulysses shards the
   sequence, or the heads inside attention) and by tp (heads, FFN hidden, or sequence under sequence
@@ -88,6 +89,7 @@ class Workload:
     precision: Literal["bf16", "fp32"] = "bf16"
     attention: Literal["flex", "sdpa"] = "flex"
     efficiency: float = 0.55  # achieved fraction of peak on the compute itself
+    ema: bool = False  # an fp32 EMA of the weights (training/ema.py), sharded like the parameters
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class MemoryBreakdown:
     activations: float
     communication: float
     single_pass: bool = False
+    ema: float = 0.0
 
     @property
     def total(self) -> float:
@@ -128,7 +131,7 @@ class MemoryBreakdown:
             live = max(self.gradients, self.activations)
         else:
             live = self.gradients + self.activations
-        return self.parameters + self.optimizer + self.communication + live
+        return self.parameters + self.optimizer + self.ema + self.communication + live
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,7 @@ def memory_estimate(config: ModelConfig, layout: Layout, workload: Workload) -> 
         activations=kept + outside,
         communication=communication,
         single_pass=_micro_batches(layout, workload) == 1,
+        ema=4 * stage_params / shard if workload.ema else 0.0,
     )
 
 
@@ -439,10 +443,11 @@ class Recipe:
     mix: SequenceMix  # video_tokens_per_frame / actions_per_frame come from the flags
     steps: int
     attention: Literal["flex", "sdpa"] = "flex"
+    ema: bool = False  # the recipe keeps an EMA of the weights (optim.ema_decay > 0)
 
 
 # Flags that describe the workload: with --config the recipe fixes them (as KEY=VALUE overrides).
-_WORKLOAD_FLAGS = ("token_budget", "sequences_per_gpu", "activation_checkpointing", "checkpoint_every")
+_WORKLOAD_FLAGS = ("token_budget", "sequences_per_gpu", "activation_checkpointing", "checkpoint_every", "ema")
 
 
 def register(subparsers, load_recipe: Callable[[Path, list[str]], Recipe] | None = None) -> None:
@@ -469,6 +474,8 @@ def register(subparsers, load_recipe: Callable[[Path, list[str]], Recipe] | None
     sub.add_argument("--intra-node-gbps", type=float, default=None, help="NVLink GB/s per GPU (default: by GPU type)")
     sub.add_argument("--inter-node-gbps", type=float, default=None, help="network GB/s per GPU (default: by GPU type)")
     sub.add_argument("--efficiency", type=float, default=Workload.efficiency, help="achievable fraction of peak")
+    sub.add_argument("--ema", action="store_const", const=True, default=None,
+                     help="count an fp32 EMA of the weights (optim.ema_decay > 0)")
     sub.add_argument("--top", type=int, default=5, help="layouts to print")
     sub.set_defaults(func=_cmd_plan, load_recipe=load_recipe, config=None, overrides=[])
 
@@ -522,7 +529,7 @@ def _inputs_from_args(args) -> tuple[ModelConfig, Cluster, Workload]:
     _check_mix(mix, "--token-budget")
     workload = Workload(
         mix, args.sequences_per_gpu or 1, args.activation_checkpointing or "full",
-        args.checkpoint_every or Workload.checkpoint_every, efficiency=args.efficiency,
+        args.checkpoint_every or Workload.checkpoint_every, efficiency=args.efficiency, ema=bool(args.ema),
     )
     return get_preset(args.preset), _cluster(args, gpu, args.nodes or 1), workload
 
@@ -561,7 +568,8 @@ def _row(e: LayoutEstimate) -> str:
 
 def _memory_lines(title: str, memory: MemoryBreakdown, verdict: str = "") -> list[str]:
     lines = ["", f"memory per GPU of {title} (GiB){verdict}:"]
-    for name in ("parameters", "gradients", "optimizer", "activations", "communication", "total"):
+    names = ("parameters", "gradients", "optimizer", "ema", "activations", "communication", "total")
+    for name in (n for n in names if n != "ema" or memory.ema):
         lines.append(f"  {name:<14} {_gib(getattr(memory, name)):>7}")
     if memory.single_pass:
         lines.append("  (one micro-batch per step: gradients and activations do not peak together; "
@@ -631,7 +639,7 @@ def _recipe_inputs(args) -> tuple[Recipe, ModelConfig, Cluster, Layout, Workload
     layout = Layout(dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp, parallel.pp_virtual_stages)
     workload = Workload(
         mix, parallel.microbatches / (dims.pp * dims.cp * dims.tp), parallel.activation_checkpoint,
-        parallel.checkpoint_every, attention=recipe.attention, efficiency=args.efficiency,
+        parallel.checkpoint_every, attention=recipe.attention, efficiency=args.efficiency, ema=recipe.ema,
     )
     return recipe, model, _cluster(args, gpu, world // args.gpus_per_node), layout, workload
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from rich.console import Console
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from lbva.checkpoints_tools.manager import CheckpointManager, RetentionPolicy, committed_steps
 from lbva.checkpoints_tools.train_state import TrainState
@@ -344,13 +345,26 @@ def train_step(
     clipping. -> (the weighted loss terms, the global gradient norm before clipping)."""
     model.train()
     terms = []
-    for sequence, weight in zip(sequences, weights, strict=True):
+    for index, (sequence, weight) in enumerate(zip(sequences, weights, strict=True)):
+        _gradient_sync(model, last=index == len(sequences) - 1, config=config)
         with _autocast(device):
             sequence_terms = run_objective(objective, model, [sequence], layout, device)
         (sequence_terms.total * weight).backward()
         terms.append(sequence_terms)
     grad_norm = clip_grad_norm_(model.parameters(), config.optim.grad_clip)
     return weighted_terms(terms, weights), grad_norm
+
+
+def _gradient_sync(model, last: bool, config: TrainConfig) -> None:
+    """Before each accumulated sequence's backward: FSDP2 all-reduces over dp_replicate (HSDP) only
+    after the last one, and with parallel.defer_reduce_scatter reduce-scatters only then too. The
+    gradients are the same sum either way; only when the collectives run changes."""
+    if not isinstance(model, FSDPModule):
+        return
+    model.set_requires_all_reduce(last)
+    if config.parallel.defer_reduce_scatter:
+        model.set_requires_gradient_sync(last)
+    model.set_is_last_backward(last)
 
 
 def pipeline_step(pipeline, objective, sequences: list, weights: list[float], config: TrainConfig, device, pp_group):

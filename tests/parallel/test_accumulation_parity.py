@@ -47,10 +47,11 @@ def test_a_sequence_draws_the_same_on_every_split_of_the_global_batch(parity_cas
         assert torch.equal(one_process[index], accumulated[index])
 
 
-def _train(case: TrainCase, model, layout, dp_rank: int, dp_size: int, dp_group) -> TrainRecord:
+def _train(case: TrainCase, model, layout, dp_rank: int, dp_size: int, dp_group,
+           parallel: ParallelConfig | None = None) -> TrainRecord:
     """The trainer's step on this rank's share of each global batch: sequence m of dp rank r is
     global sequence m x dp + r (the loader's order)."""
-    config = TrainConfig(optim=case.optim)
+    config = TrainConfig(optim=case.optim, parallel=parallel or ParallelConfig())
     objective = FlowMatchingObjective(case.objective, case.empty_text)
     optimizer = build_optimizer(model, case.optim)
     microbatches = case.dp_size // dp_size
@@ -73,7 +74,7 @@ def accumulating_rank(case: TrainCase, parallel: ParallelConfig) -> TrainRecord:
                                 token_budget=case.token_budget, pad_multiple=case.pad_multiple)
     mesh = dims.build_mesh("cpu")
     model = parallelize(build_case_model(case), mesh, parallel)
-    return _train(case, model, step_layout_for(mesh, "sdpa"), mesh.dp_rank, dims.dp_size, mesh.dp.get_group())
+    return _train(case, model, step_layout_for(mesh, "sdpa"), mesh.dp_rank, dims.dp_size, mesh.dp.get_group(), parallel)
 
 
 def _with_uneven_padding(case: TrainCase) -> TrainCase:
@@ -88,13 +89,27 @@ def _with_uneven_padding(case: TrainCase) -> TrainCase:
     return case
 
 
+def _assert_trains_alike(runs: list[TrainRecord], one_process: TrainRecord) -> None:
+    for run in runs:
+        for got, expected in zip(run.losses, one_process.losses, strict=True):
+            assert abs(got - expected) <= 1e-5 * abs(expected), (run.losses, one_process.losses)
+        for name, expected in one_process.parameters.items():
+            assert (run.parameters[name] - expected).abs().max().item() <= 1e-5, name
+
+
 def test_dp2_accumulating_2_trains_as_dp4_and_as_one_process_accumulating_4(parity_case):
     case = _with_uneven_padding(parity_case("tiny-mot", dp_size=4))
     one_process = _train(case, build_case_model(case), plain_layout("sdpa"), 0, 1, None)
     dp4 = spawn_ranks(4, accumulating_rank, case, ParallelConfig(dp_shard=4))[0]
     dp2 = spawn_ranks(2, accumulating_rank, case, ParallelConfig(dp_shard=2))[0]
-    for run in (dp4, dp2):
-        for got, expected in zip(run.losses, one_process.losses, strict=True):
-            assert abs(got - expected) <= 1e-5 * abs(expected), (run.losses, one_process.losses)
-        for name, expected in one_process.parameters.items():
-            assert (run.parameters[name] - expected).abs().max().item() <= 1e-5, name
+    _assert_trains_alike([dp4, dp2], one_process)
+
+
+def test_gradient_reductions_deferred_to_the_last_accumulated_sequence_train_alike(parity_case):
+    """Replicated ranks all-reduce once per step, after the last sequence; with
+    defer_reduce_scatter sharded ranks reduce-scatter once too. The sum is the same."""
+    case = _with_uneven_padding(parity_case("tiny-mot", dp_size=4))
+    one_process = _train(case, build_case_model(case), plain_layout("sdpa"), 0, 1, None)
+    replicated = spawn_ranks(2, accumulating_rank, case, ParallelConfig(dp_replicate=2, dp_shard=1))[0]
+    deferred = spawn_ranks(2, accumulating_rank, case, ParallelConfig(dp_shard=2, defer_reduce_scatter=True))[0]
+    _assert_trains_alike([replicated, deferred], one_process)

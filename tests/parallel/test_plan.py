@@ -102,6 +102,14 @@ def test_parameter_memory_is_sixteen_bytes_per_parameter_sharded_over_fsdp_and_t
     assert memory.parameters + memory.gradients + memory.optimizer == pytest.approx(16 * per_gpu)
 
 
+def test_an_ema_adds_one_fp32_copy_sharded_like_the_parameters():
+    layout = Layout(dp_shard=4, cp=2, tp=2)
+    plain, with_ema = (memory_estimate(FIVE_B, layout, Workload(ema=ema)) for ema in (False, True))
+    assert with_ema.ema == pytest.approx(plain.parameters)
+    assert with_ema.total - plain.total == pytest.approx(plain.parameters)
+    assert plain.ema == 0
+
+
 def test_activation_checkpointing_trades_memory_for_time():
     cluster = _cluster()
     estimates = {mode: step_estimate(FIVE_B, cluster, Layout(dp_shard=8), Workload(activation_checkpointing=mode))
@@ -250,6 +258,15 @@ def test_plan_config_plans_the_recipes_own_layout_and_run(tmp_path, capsys):
     assert f"predicted {expected.step_s:.2f} s" in out
     assert "step: 16 sequences = 159,744 tokens" in out  # 16 data-parallel ranks x 9,984 tokens
     assert f"{1000 * expected.step_s / 3600 * 16:,.0f} GPU-hours" in out
+
+
+def test_plan_config_counts_the_recipes_ema(tmp_path, capsys):
+    assert _plan_config(tmp_path, RECIPE, "optim.ema_decay=0.999") == 0
+    out = capsys.readouterr().out
+    expected = memory_estimate(get_preset("lingbot-va-5b-mot"), Layout(dp_replicate=2, dp_shard=8), Workload(ema=True))
+    assert f"  ema            {expected.ema / 2**30:>7.1f}" in out
+    assert _plan_config(tmp_path, RECIPE, "--ema") == 2  # a user error: the recipe sets it
+    assert "--ema: with --config the recipe sets this" in capsys.readouterr().err
 
 
 def test_plan_config_takes_overrides_and_counts_a_shared_sequence_once(tmp_path, capsys):
