@@ -3,7 +3,10 @@ the device, the validated layout, the process group and the mesh of this process
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -52,8 +55,30 @@ def _attempt_store(world: WorldInfo):
     return dist.PrefixStore(f"/lbva/attempt{restart}", agent_store)
 
 
+_PR_SET_PDEATHSIG = 1  # prctl option, linux/prctl.h
+
+
+def die_with_agent() -> None:
+    """Under torchrun, have Linux send this worker SIGTERM when its elastic agent dies.
+
+    Without it a kill -9 of the agent leaves its workers training on as orphans, writing to the run
+    directory that the next job also writes to. SIGTERM is the trainer's stop signal: the workers
+    agree on a step, checkpoint it and exit. The parent is compared before and after, because an
+    agent that died before prctl ran would never send the signal."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return  # not allowed here (a seccomp sandbox): the workers outlive the agent, as before
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def init_distributed(world: WorldInfo, device: torch.device) -> None:
-    """NCCL on GPUs, gloo on CPUs; a no-op for a single process or an existing group."""
+    """NCCL on GPUs, gloo on CPUs; a no-op for a single process or an existing group. Under
+    torchrun the worker also dies with its agent (die_with_agent)."""
+    die_with_agent()
     if not world.distributed or dist.is_initialized():
         return
     if device.type == "cuda":
