@@ -1,13 +1,17 @@
 """One held-out episode through the world model's sampler (inference/world_model.py), chunk by chunk.
 
-Chunk c holds latent frames [cK, (c+1)K); frame 0 is the observed first frame. Two passes:
+Chunk c holds latent frames [cK, (c+1)K); frame 0 is the observed first frame. Three passes:
 
 - one chunk ahead, for c = 1 .. C-1, with ground truth of chunks < c in the cache: the imagined
   latents of c against the truth and against copying frame cK-1 (copy-last-frame); then the truth
-  of c's video is cached and its actions are sampled (inverse dynamics) and compared on the slots
+  of c's video is cached and its actions are predicted (inverse dynamics) and compared on the slots
   the source fills, against the training mean action and zero; then c's true actions are cached.
-- open loop, from the true chunk 0: every later chunk is imagined from the model's own previous
-  imaginations and the true actions, up to `rollout_chunks`; against copying frame K-1.
+  This pass runs twice: with the point prediction (one Euler step from pure noise, which is the
+  model's estimate of the conditional mean E[x0 | context], the prediction a squared error
+  rewards) and with samples (the sampler's settings). A sample, even of a perfect model, scores
+  the truth's own spread on top: twice the conditional variance in expectation.
+- open loop, from the true chunk 0: every later chunk is sampled from the model's own previous
+  samples and the true actions, up to `rollout_chunks`; against copying frame K-1.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from lbva.training.data.samples import EpisodeSample
 class EpisodeScores:
     key: str
     source: str
-    video_se: list[float] = field(default_factory=list)  # per chunk: mean squared latent error
+    video_se: list[float] = field(default_factory=list)  # per chunk: mean squared latent error (point)
+    video_sampled_se: list[float] = field(default_factory=list)
     copy_last_se: list[float] = field(default_factory=list)
-    action_se: list[float] = field(default_factory=list)  # per chunk, on the source's action slots
+    action_se: list[float] = field(default_factory=list)  # per chunk, on the source's action slots (point)
+    action_sampled_se: list[float] = field(default_factory=list)
     action_mean_se: list[float] = field(default_factory=list)
     action_zero_se: list[float] = field(default_factory=list)
     rollout_se: list[float] = field(default_factory=list)  # per open-loop chunk (horizon 1, 2, ...)
@@ -49,44 +55,60 @@ def start_episode(sampler: WorldModelSampler, sample: EpisodeSample, empty_text:
     sampler.set_first_frame(sample.latents[:, :1])
 
 
-def score_episode(sampler: WorldModelSampler, sample: EpisodeSample, empty_text: torch.Tensor,
-                  mean_action: torch.Tensor, rollout_chunks: int) -> tuple[EpisodeScores, torch.Tensor]:
-    """-> the scores, and the open-loop imagined latents [z, K * (1 + rollout), h, w] (chunk 0 true)."""
+def score_episode(sampler: WorldModelSampler, point: WorldModelSampler, sample: EpisodeSample,
+                  empty_text: torch.Tensor, mean_action: torch.Tensor,
+                  rollout_chunks: int) -> tuple[EpisodeScores, torch.Tensor]:
+    """`sampler` samples, `point` (one video and one action step) predicts the conditional mean;
+    -> the scores, and the open-loop sampled latents [z, K * (1 + rollout), h, w] (chunk 0 true)."""
     k = sampler.settings.chunk_size
-    chunks = sample.latents.shape[1] // k
-    if chunks < 2:
+    if sample.latents.shape[1] // k < 2:
         raise ValueError(f"sample {sample.key} has {sample.latents.shape[1]} latent frames, fewer than two "
                          f"chunks of {k}")
     scores = EpisodeScores(sample.key, sample.source)
+    _one_chunk_ahead(point, sample, empty_text, scores.video_se, scores.action_se)
+    _one_chunk_ahead(sampler, sample, empty_text, scores.video_sampled_se, scores.action_sampled_se)
+    for c in range(1, sample.latents.shape[1] // k):
+        truth = sample.latents[:, c * k:(c + 1) * k]
+        scores.copy_last_se.append(_se(sample.latents[:, c * k - 1:c * k].expand_as(truth), truth))
+        if sample.action_mask.any():
+            actions = chunk_actions(sample, c, k)[:, sample.action_mask]
+            scores.action_mean_se.append(_se(mean_action[sample.action_mask].expand_as(actions), actions))
+            scores.action_zero_se.append(_se(torch.zeros_like(actions), actions))
+    return scores, _open_loop(sampler, sample, empty_text, rollout_chunks, scores)
+
+
+def _one_chunk_ahead(sampler: WorldModelSampler, sample: EpisodeSample, empty_text: torch.Tensor,
+                     video_se: list[float], action_se: list[float]) -> None:
+    """The one-chunk-ahead pass (module docstring): appends per chunk to video_se and action_se."""
+    k = sampler.settings.chunk_size
     slots = sample.action_mask
     truth = lambda c: sample.latents[:, c * k:(c + 1) * k]  # noqa: E731
-
     start_episode(sampler, sample, empty_text)
     sampler.observe(0, latents=truth(0), actions=chunk_actions(sample, 0, k))
-    for c in range(1, chunks):
-        imagined = sampler.predict_video(c).cpu()
-        scores.video_se.append(_se(imagined, truth(c)))
-        scores.copy_last_se.append(_se(sample.latents[:, c * k - 1:c * k].expand_as(truth(c)), truth(c)))
+    for c in range(1, sample.latents.shape[1] // k):
+        video_se.append(_se(sampler.predict_video(c).cpu(), truth(c)))
         sampler.drop_predictions()
         sampler.observe(c, latents=truth(c))
         actions = chunk_actions(sample, c, k)
         if slots.any():
-            predicted = sampler.predict_actions(c).cpu()
-            scores.action_se.append(_se(predicted[:, slots], actions[:, slots]))
-            scores.action_mean_se.append(_se(mean_action[slots].expand_as(actions[:, slots]), actions[:, slots]))
-            scores.action_zero_se.append(_se(torch.zeros_like(actions[:, slots]), actions[:, slots]))
+            action_se.append(_se(sampler.predict_actions(c).cpu()[:, slots], actions[:, slots]))
             sampler.drop_predictions()
         sampler.observe(c, actions=actions)
 
+
+def _open_loop(sampler: WorldModelSampler, sample: EpisodeSample, empty_text: torch.Tensor, rollout_chunks: int,
+               scores: EpisodeScores) -> torch.Tensor:
+    k = sampler.settings.chunk_size
+    truth = lambda c: sample.latents[:, c * k:(c + 1) * k]  # noqa: E731
     start_episode(sampler, sample, empty_text)
     sampler.observe(0, latents=truth(0), actions=chunk_actions(sample, 0, k))
     rollout = [truth(0)]
     last_seen = sample.latents[:, k - 1:k]
-    for c in range(1, min(chunks, 1 + rollout_chunks)):
+    for c in range(1, min(sample.latents.shape[1] // k, 1 + rollout_chunks)):
         imagined = sampler.predict_video(c).cpu()
         scores.rollout_se.append(_se(imagined, truth(c)))
         scores.rollout_copy_se.append(_se(last_seen.expand_as(truth(c)), truth(c)))
         sampler.drop_predictions()
         sampler.observe(c, latents=imagined, actions=chunk_actions(sample, c, k))
         rollout.append(imagined)
-    return scores, torch.cat(rollout, dim=1)
+    return torch.cat(rollout, dim=1)

@@ -1,5 +1,8 @@
 """`lbva eval CHECKPOINT --data PREPARED`: the world model of a checkpoint on the held-out episodes of
 prepared data (the training run's split, training/data/split.py), with the inference sampler.
+`video_mse` and `action_mse` score the point prediction (one Euler step from pure noise: the
+model's conditional mean, what a squared error rewards); the `_sampled` keys score samples at the
+sampler's settings (evaluation/episodes.py says why a sample scores worse).
 
 Writes OUT (default RUN/eval/): summary.json, summary.md (the table) and, per source, pictures of
 the first open-loop rollouts: a PNG strip and an mp4 (ground truth | imagined | difference, one
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from lbva.training.config_io import load_config
 from lbva.training.data.reader import SampleReader, TextStore, read_index
 from lbva.training.data.source import validation_sets
 from lbva.training.data.split import split_sources
+from lbva.training.metrics import open_wandb_run
 from lbva.training.step import FlowMatchingObjective
 from lbva.training.trainer import sequence_generator
 
@@ -86,10 +90,12 @@ def summarize(scores: list[EpisodeScores]) -> dict[str, float]:
     """Means over every chunk of every episode in `scores`."""
     pooled = lambda name: [v for s in scores for v in getattr(s, name)]  # noqa: E731
     return {
-        "video_mse": _mean(pooled("video_se")), "video_mse_copy_last": _mean(pooled("copy_last_se")),
+        "video_mse": _mean(pooled("video_se")), "video_mse_sampled": _mean(pooled("video_sampled_se")),
+        "video_mse_copy_last": _mean(pooled("copy_last_se")),
         "video_mse_rollout": _mean(pooled("rollout_se")),
         "video_mse_rollout_copy_last": _mean(pooled("rollout_copy_se")),
-        "action_mse": _mean(pooled("action_se")), "action_mse_mean": _mean(pooled("action_mean_se")),
+        "action_mse": _mean(pooled("action_se")), "action_mse_sampled": _mean(pooled("action_sampled_se")),
+        "action_mse_mean": _mean(pooled("action_mean_se")),
         "action_mse_zero": _mean(pooled("action_zero_se")), "episodes": len(scores),
     }
 
@@ -129,9 +135,10 @@ def evaluate(checkpoint: Path, data: list[Path], out: Path | None = None, option
         sample = reader.load(heldout.entry(position))
         known = [s.actions for s in statistics if s.source == heldout.name] or [sample.actions * 0]
         mean_action = torch.stack([a.mean((1, 2)) for a in known]).mean(0)  # [30]
-        sampler = WorldModelSampler(model, settings, latent_size=tuple(sample.latents.shape[2:]),
-                                    actions_per_frame=sample.actions.shape[2], action_mask=sample.action_mask)
-        episode, rollout = score_episode(sampler, sample, empty_text, mean_action, options.rollout_chunks)
+        samplers = [WorldModelSampler(model, chosen, latent_size=tuple(sample.latents.shape[2:]),
+                                      actions_per_frame=sample.actions.shape[2], action_mask=sample.action_mask)
+                    for chosen in (settings, replace(settings, video_steps=1, action_steps=1))]
+        episode, rollout = score_episode(*samplers, sample, empty_text, mean_action, options.rollout_chunks)
         scores.append(episode)
         if position < options.pictures_per_source:
             rollouts.append((heldout.name, sample.key, sample.latents[:, :rollout.shape[1]], rollout))
@@ -159,15 +166,41 @@ def evaluate(checkpoint: Path, data: list[Path], out: Path | None = None, option
         (out / "summary.md").write_text(markdown_table(summary))
         decoder = VideoDecoder.for_card(json.loads((Path(data[0]) / "card.json").read_text()), options.vae)
         summary["pictures"] = write_pictures(decoder, rollouts, out) if decoder is not None else []
+        log_to_wandb(config, run_dir, summary)
     if world > 1:
         dist.barrier()
     return summary
 
 
+def log_to_wandb(config: TrainConfig, run_dir: Path, summary: dict) -> None:
+    """When the run logs to wandb: the summary's numbers (as eval/... summary keys) and the pictures
+    (strips as images, rollouts as videos) into the training run's own wandb run."""
+    run = open_wandb_run(config.run.wandb, config.run.wandb_project, config.run.name, config.run.name, run_dir)
+    if run is None:
+        return
+    import wandb
+
+    media = {}
+    for picture in map(Path, summary["pictures"]):
+        key = f"eval/{picture.parent.name}/{picture.stem}"
+        if picture.suffix == ".png":
+            media[f"{key}/strip"] = wandb.Image(str(picture))
+        else:
+            media[f"{key}/rollout"] = wandb.Video(str(picture), format="mp4")
+    run.log(media)
+    numbers = {f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)}
+    numbers.update({f"eval/{source}/{k}": v for source, values in summary["sources"].items()
+                    for k, v in values.items() if isinstance(v, float)})
+    run.summary.update(numbers)
+    run.finish()
+
+
 ROWS = (
     ("video, one chunk ahead (latent MSE)", "video_mse", "video_mse_copy_last", "copy last frame"),
-    ("video, open-loop rollout (latent MSE)", "video_mse_rollout", "video_mse_rollout_copy_last", "copy last frame"),
+    ("video, one chunk ahead, sampled", "video_mse_sampled", "video_mse_copy_last", "copy last frame"),
+    ("video, open-loop rollout, sampled", "video_mse_rollout", "video_mse_rollout_copy_last", "copy last frame"),
     ("inverse dynamics (action MSE)", "action_mse", "action_mse_mean", "mean action"),
+    ("inverse dynamics, sampled", "action_mse_sampled", "action_mse_mean", "mean action"),
     ("video flow-matching loss", "fm_video", "fm_video_gaussian_prior", "Gaussian prior"),
 )
 

@@ -44,6 +44,17 @@ _RESERVED_KEYS = ("step", "time")
 _KNOWN_KEYS = ("grad_norm", "lr", "tokens_per_s")
 
 
+def open_wandb_run(mode: str, project: str, name: str, run_id: str, run_dir: Path, config: dict | None = None):
+    """The run's wandb run (None when mode is "disabled"): one id per training run, kept in
+    run_dir/wandb, so a requeued job and a later `lbva eval` continue the same wandb run."""
+    if mode == "disabled":
+        return None
+    # Imported here so that runs with wandb disabled never pay for (or depend on) it.
+    import wandb
+
+    return wandb.init(project=project, name=name, id=run_id, resume="allow", dir=run_dir, mode=mode, config=config)
+
+
 class MetricsLogger:
     """Writes each step's metrics to the console, `run_dir/metrics.jsonl` and wandb.
 
@@ -91,20 +102,7 @@ class MetricsLogger:
         self._start_time = time.monotonic()
         self._closed = False
 
-        self._wandb_run: Any = None
-        if wandb_mode != "disabled":
-            # Imported here so that runs with wandb disabled never pay for (or depend on) it.
-            import wandb
-
-            self._wandb_run = wandb.init(
-                project=wandb_project,
-                name=run_name,
-                id=run_id,
-                resume="allow",
-                dir=self.run_dir,
-                mode=wandb_mode,
-                config=config,
-            )
+        self._wandb_run: Any = open_wandb_run(wandb_mode, wandb_project, run_name, run_id, self.run_dir, config)
 
         # Opened after wandb.init so that a failing init leaves no open file behind.
         self._metrics_path = self.run_dir / METRICS_FILE

@@ -17,7 +17,8 @@ from lbva.training.trainer import train
 
 from helpers import prepared_demo, tiny_train_config
 
-KEYS = ("video_mse", "video_mse_copy_last", "action_mse", "action_mse_mean", "fm_video", "fm_video_gaussian_prior")
+KEYS = ("video_mse", "video_mse_sampled", "video_mse_copy_last", "action_mse", "action_mse_sampled", "action_mse_mean",
+        "fm_video", "fm_video_gaussian_prior")
 CHUNK = 2  # the test episodes have 6 latent frames: 3 chunks
 
 
@@ -59,8 +60,9 @@ def test_the_same_checkpoint_and_seed_give_the_same_numbers(dataset, untrained, 
 
 def test_a_model_that_has_not_trained_does_not_beat_the_baselines(dataset, untrained, tmp_path):
     summary = evaluate(untrained, [dataset], tmp_path / "eval", _options())
-    assert summary["video_mse"] > summary["video_mse_copy_last"]
-    assert summary["action_mse"] > summary["action_mse_mean"]
+    for kind in ("", "_sampled"):
+        assert summary[f"video_mse{kind}"] > summary["video_mse_copy_last"]
+        assert summary[f"action_mse{kind}"] > summary["action_mse_mean"]
     assert summary["fm_video"] > summary["fm_video_gaussian_prior"]
 
 
@@ -85,6 +87,20 @@ def test_the_strip_shows_truth_prediction_and_difference_per_latent_frame():
     picture = strip(frames)
     assert picture.shape == (3 * 64, STRIP_FRAMES * 64, 3)
     assert not picture[2 * 64:].any()  # a perfect prediction has no difference
+
+
+def test_a_run_that_logs_to_wandb_gets_the_numbers_and_the_pictures(dataset, tmp_path):
+    config = tiny_train_config(dataset, tmp_path, "run.name=logged", "run.steps=1", "run.wandb=offline",
+                               "data.validation_fraction=0.34")
+    run_dir = train(config, Console(quiet=True)).run_dir
+    summary = evaluate(run_dir, [dataset], tmp_path / "eval", _options())
+    # Offline, each session of the run (training, then eval) gets a folder; the eval's is the newest.
+    *_, session = sorted((run_dir / "wandb").glob("offline-run-*-logged"))
+    media = {p.suffix for p in (session / "files" / "media").rglob("*") if p.is_file()}
+    assert {".png", ".mp4"} <= media
+    # An offline run keeps its summary in the run's record file, keys and JSON values as written.
+    record = (session / "run-logged.wandb").read_bytes()
+    assert b"eval/video_mse" in record and json.dumps(summary["video_mse"]).encode() in record
 
 
 def test_eval_refuses_a_folder_without_a_checkpoint(tmp_path, capsys):
