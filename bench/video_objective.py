@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lbva.models.config import get_preset
 from lbva.models.masks import NOISY
 from lbva.models.mot import LingBotVA
 from lbva.training.baselines import channel_statistics, score_against_prior
@@ -78,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(TrainConfig, args.run / "config.toml" if args.run else args.config)
     torch.manual_seed(config.run.seed)
-    model = LingBotVA(get_preset(config.model.preset))
+    model = LingBotVA(config.model.model_config())
     if args.run:
         model.load_state_dict(load_file(args.run / "model.safetensors"))
     result = score(config, model, args.data or list(config.data.prepared), args.sequences, args.seed)

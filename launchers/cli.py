@@ -47,20 +47,15 @@ def _load_config(args: argparse.Namespace):
 
 def _load_recipe(path: Path, overrides: list[str]) -> plan.Recipe:
     """What `lbva plan --config` plans from a training config."""
-    from lbva.parallelism.flops import SequenceMix
+    from lbva.training.cli import sequence_mix
     from lbva.training.config import TrainConfig
     from lbva.training.config_io import load_config
 
     config = load_config(TrainConfig, path, overrides)
-    data, objective = config.data, config.objective
-    mix = SequenceMix(
-        token_budget=data.token_budget, window_frames=data.window_frames, text_tokens=data.text_tokens,
-        chunk_sizes=tuple(objective.chunk_size), attention_windows=tuple(objective.attention_window),
-        forward_dynamics=objective.forward_dynamics_weight > 0, pad_multiple=data.pad_multiple,
-    )
-    return plan.Recipe(name=path.name, preset=config.model.preset, parallel=config.parallel, mix=mix,
-                       steps=config.run.steps, attention="sdpa" if config.model.attention == "sdpa" else "flex",
-                       ema=config.optim.ema_decay > 0)
+    return plan.Recipe(name=path.name, preset=config.model.preset, parallel=config.parallel,
+                       mix=sequence_mix(config), steps=config.run.steps,
+                       attention="sdpa" if config.model.attention == "sdpa" else "flex",
+                       ema=config.optim.ema_decay > 0, model=config.model.model_config())
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -73,12 +68,34 @@ def _cmd_train(args: argparse.Namespace) -> None:
     # Handlers first: a signal that arrives while the model is built must still stop the run at
     # its first step boundary.
     stop = StopFlag().install()
-    outcome = run_worker(_load_config(args), stop)
+    config = _load_config(args)
+    if world_from_env().world_size == 1:
+        _check_one_process(config, args)
+    outcome = run_worker(config, stop)
     ignore_stop_signals()
     if not args.no_requeue:
         requeue_after_time_limit(outcome)
     if outcome.finished and world_from_env().rank == 0:
         print(f"run finished: {outcome.run_dir} ({outcome.steps} steps)")
+
+
+def _check_one_process(config, args: argparse.Namespace) -> None:
+    """A one-process `lbva train` of a config laid out over several processes: a UserError that
+    spells out the two commands that do run it, instead of the layout's world-size mismatch."""
+    from lbva.parallelism.mesh import MESH_DIMS
+    from lbva.training.demo import world_size_of
+
+    nproc = world_size_of(config)
+    if nproc == 1:
+        return
+    wide = {name: getattr(config.parallel, name) for name in MESH_DIMS if getattr(config.parallel, name) > 1}
+    config_args = [f"--config {args.config}"] if args.config is not None else []
+    same = " ".join([*config_args, *args.overrides])
+    one_process = " ".join(f"parallel.{name}=1" for name in wide)
+    layout = ", ".join(f"parallel.{name}={size}" for name, size in wide.items())
+    raise UserError(f"train: the config lays the run out over {nproc} processes ({layout}) but this is one process; "
+                    f"run `lbva launch local --nproc {nproc} {same}`, or train in one process with "
+                    f"`lbva train {same} {one_process}`")
 
 
 def _cmd_slurm(args: argparse.Namespace) -> None:
@@ -101,7 +118,7 @@ def _cmd_local(args: argparse.Namespace) -> None:
 
     config = _load_config(args)  # a bad config ends here, in one line, not in every worker
     nproc = default_nproc() if args.nproc is None else args.nproc
-    launch_local(config, args.config, args.overrides, nproc, args.max_restarts)
+    launch_local(config, args.config, args.overrides, nproc, args.max_restarts, getattr(args, "verbose", False))
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,10 +190,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run `lbva ARGV`; returns the exit status (2 for a user mistake, printed as one line)."""
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """`--verbose` on every (sub)command, so it works wherever it is typed (`lbva data prepare ...
+    --verbose`); SUPPRESS keeps a subcommand's default from overwriting a `--verbose` given before it."""
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show lbva's INFO lines and the libraries' own warnings and loading bars")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in {id(p): p for p in action.choices.values()}.values():  # aliases: once
+                _add_verbose(subparser)
+
+
+def main(argv: list[str] | None = None, *, configure_output: bool = False) -> int:
+    """Run `lbva ARGV`; returns the exit status (2 for a user mistake, printed as one line).
+
+    `configure_output` (the console script and `python -m`): set this process's logging up, quiet
+    unless --verbose (lbva/quiet.py); off for callers that keep their own logging, such as tests.
+    """
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        _add_verbose(parser)
+        args = parser.parse_args(argv)
+        if configure_output:
+            from lbva.quiet import configure_output as configure
+
+            configure(getattr(args, "verbose", False))
         args.func(args)
     except UserError as error:
         print(f"lbva: error: {error}", file=sys.stderr)
@@ -185,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    sys.exit(main(configure_output=True))
 
 
 if __name__ == "__main__":

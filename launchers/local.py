@@ -24,6 +24,7 @@ from lbva.checkpoints_tools.manager import CheckpointError, committed_steps, ste
 from lbva.training.config import TrainConfig
 from lbva.training.distributed import world_from_env
 from lbva.errors import UserError
+from lbva.quiet import configure_output, mute_library_loggers
 
 from .preflight import check_before_launch
 from .signals import StopFlag, StopReason
@@ -110,17 +111,19 @@ def default_nproc() -> int:
 
 def launch_local(
     config: TrainConfig, config_file: Path | None, overrides: list[str], nproc: int,
-    max_restarts: int = DEFAULT_MAX_RESTARTS,
+    max_restarts: int = DEFAULT_MAX_RESTARTS, verbose: bool = False,
 ) -> None:
-    """Become `torchrun --standalone` running `nproc` workers of the run on this machine.
+    """Become torchrun's agent (`torch.distributed.run --standalone`) running `nproc` workers of the
+    run on this machine.
 
     `config` is what `config_file` and `overrides` load to; it is checked against `nproc` ranks
     before torchrun starts, and each worker loads it again from the same file and overrides.
     A worker that fails (a crash, a kill -9, an OOM) makes torchrun stop the others and start the
     whole group again, up to `max_restarts` times; the new workers resume from the run's newest
     committed checkpoint (`run_worker`), so what a restart costs is the steps since that checkpoint.
-    The process is replaced (exec), not wrapped: Ctrl-C and SIGTERM then reach torchrun, which
-    passes them to the workers, instead of a parent that would kill torchrun and orphan them.
+    The process is replaced (exec), not wrapped: Ctrl-C and SIGTERM then reach the agent, which
+    passes them to the workers, instead of a parent that would kill it and orphan them. The agent
+    runs in `agent_main`, which makes a SIGTERM that the workers checkpointed a clean exit.
     """
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
@@ -128,12 +131,54 @@ def launch_local(
         raise UserError(f"--max-restarts must be >= 0, got {max_restarts}")
     check_before_launch(config, nproc, f"{nproc} rank(s) on this machine")
     config_args = [f"--config={config_file}"] if config_file is not None else []
+    verbose_args = ["--verbose"] if verbose else []
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--max-restarts={max_restarts}",
-        f"--nproc-per-node={nproc}", "-m", "lbva.launchers.cli", "train", *config_args, *overrides,
+        sys.executable, "-m", "lbva.launchers.local", *verbose_args, str(run_dir_of(config)),
+        "--standalone", "--nnodes=1", f"--max-restarts={max_restarts}", f"--nproc-per-node={nproc}",
+        "-m", "lbva.launchers.cli", *verbose_args, "train", *config_args, *overrides,
     ]
     sys.stdout.flush()
     # torchrun's default SIGUSR2 action would end it and its workers without a checkpoint; ignored
-    # here, USR2 stays ignored through exec in torchrun, and each worker installs its StopFlag.
+    # here, USR2 stays ignored through exec in the agent, and each worker installs its StopFlag.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     os.execv(command[0], command)
+
+
+def agent_main(run_dir: Path, torchrun_args: list[str], verbose: bool = False) -> int:
+    """torchrun's agent in this process -> the exit status of `lbva launch local`.
+
+    On SIGTERM torchrun's agent passes the signal to the workers, which checkpoint at their next
+    step boundary and say so in one line (`run_worker`), waits for them, and then raises: as a
+    command, torchrun would print a traceback and exit 1 for a stop that went as planned. Here that
+    stop exits 0 when the run holds a checkpoint to resume from; otherwise 128 + the signal, as
+    for any other signal (SIGINT, SIGHUP: no checkpoint is promised for those).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as torchrun
+
+    if not verbose:  # torchrun's notices (OMP_NUM_THREADS, "shutting down workers") stay off stderr
+        mute_library_loggers()
+    try:
+        torchrun(torchrun_args)
+    except SignalException as stop:
+        step = newest_committed_step(run_dir)
+        if stop.sigval == signal.SIGTERM and step > 0:
+            return 0
+        resume = f"the next launch resumes from step {step}" if step else "no checkpoint was committed yet"
+        print(f"lbva launch local: stopped by {signal.Signals(stop.sigval).name}; {resume} ({run_dir})",
+              file=sys.stderr)
+        return 128 + int(stop.sigval)
+    return 0
+
+
+def _agent_command_line(argv: list[str]) -> int:
+    """`python -m lbva.launchers.local [--verbose] RUN_DIR TORCHRUN_ARGS...`, what `launch_local` execs."""
+    verbose = argv[:1] == ["--verbose"]
+    if verbose:
+        argv = argv[1:]
+    configure_output(verbose)
+    return agent_main(Path(argv[0]), argv[1:], verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(_agent_command_line(sys.argv[1:]))

@@ -6,7 +6,6 @@ line, before torchrun starts workers or a job waits in the queue for nothing."""
 from __future__ import annotations
 
 from lbva.errors import UserError
-from lbva.models.config import get_preset
 from lbva.parallelism.mesh import validate_layout
 from lbva.training.config import TrainConfig
 from lbva.training.data.source import check_data_config
@@ -17,7 +16,7 @@ def check_before_launch(config: TrainConfig, world_size: int, allocation: str) -
     number comes from (e.g. "2 node(s) x 8 rank(s) = 16 ranks") and begins the message."""
     try:
         validate_layout(
-            config.parallel, world_size, model=get_preset(config.model.preset),
+            config.parallel, world_size, model=config.model.model_config(),
             token_budget=config.data.token_budget, pad_multiple=config.data.pad_multiple,
         )
     except UserError as error:

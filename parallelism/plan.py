@@ -444,6 +444,7 @@ class Recipe:
     steps: int
     attention: Literal["flex", "sdpa"] = "flex"
     ema: bool = False  # the recipe keeps an EMA of the weights (optim.ema_decay > 0)
+    model: ModelConfig | None = None  # the preset with the recipe's model.width/heads/layers; None: the preset
 
 
 # Flags that describe the workload: with --config the recipe fixes them (as KEY=VALUE overrides).
@@ -630,7 +631,7 @@ def _recipe_inputs(args) -> tuple[Recipe, ModelConfig, Cluster, Layout, Workload
     mix = dataclasses.replace(recipe.mix, video_tokens_per_frame=args.video_tokens_per_frame,
                               actions_per_frame=args.actions_per_frame)
     _check_mix(mix, "data.token_budget")
-    model = get_preset(recipe.preset)
+    model = recipe.model or get_preset(recipe.preset)
     try:
         dims = validate_layout(parallel, world, model=model, token_budget=mix.token_budget,
                                pad_multiple=mix.pad_multiple)

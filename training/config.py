@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lbva.models.config import PRESETS
+from lbva.models.config import PRESETS, ModelConfig, get_preset
 from lbva.models.flow_schedule import LOSS_WEIGHTINGS
 from lbva.parallelism.mesh import ParallelConfig
 
@@ -90,12 +90,38 @@ class ModelSection:
     attention: Literal["auto", "flex", "sdpa"] = "auto"
     # A Wan2.2-TI2V-5B diffusers folder (or its transformer/) to initialise the video stream from.
     init_from_wan: Path | None = None
+    # Size overrides on the preset (None: the preset's): the video stream's width (num_heads x
+    # head_dim), its attention heads (head_dim = width / heads) and the depth of both streams.
+    width: int | None = None
+    heads: int | None = None
+    layers: int | None = None
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise UserError(f"model.preset: unknown preset '{self.preset}'; known presets: {', '.join(PRESETS)}")
         if self.init_from_wan is not None and not self.init_from_wan.exists():
             raise UserError(f"model.init_from_wan: {self.init_from_wan} does not exist")
+        self.model_config()
+
+    def model_config(self) -> ModelConfig:
+        """The preset with this section's size overrides, validated by ModelConfig.validate: the one
+        ModelConfig of a run (the trainer, the layout checks and the planner all build from it)."""
+        preset = PRESETS[self.preset]
+        overrides = {key: value for key, value in (("width", self.width), ("heads", self.heads),
+                                                   ("layers", self.layers)) if value is not None}
+        for key, value in overrides.items():
+            if value < 1:
+                raise UserError(f"model.{key} must be >= 1, got {value}")
+        heads = overrides.get("heads", preset.num_heads)
+        width = overrides.get("width", preset.video_width)
+        spelled = " ".join(f"model.{key}={value}" for key, value in overrides.items())
+        if width % heads:
+            raise UserError(f"{spelled}: the video width {width} must divide into {heads} heads")
+        try:
+            return get_preset(self.preset, num_heads=heads, head_dim=width // heads,
+                              num_layers=overrides.get("layers", preset.num_layers))
+        except ValueError as error:
+            raise UserError(f"model.preset {self.preset} with {spelled}: {error}") from None
 
 
 @dataclass

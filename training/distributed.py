@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from lbva.errors import UserError
-from lbva.models.config import get_preset
 from lbva.parallelism.mesh import MESH_DIMS, ParallelDims, ParallelMesh, validate_layout
 
 from .config import TrainConfig
@@ -173,7 +172,7 @@ def start_processes(config: TrainConfig) -> Processes:
     # straight run's, which breaks bit-exact resume).
     torch.set_num_threads(torch.get_num_threads())
     dims = validate_layout(
-        config.parallel, world.world_size, model=get_preset(config.model.preset),
+        config.parallel, world.world_size, model=config.model.model_config(),
         token_budget=config.data.token_budget, pad_multiple=config.data.pad_multiple,
     )
     init_distributed(world, device)

@@ -26,7 +26,6 @@ from torch.distributed.fsdp import FSDPModule
 from lbva.checkpoints_tools.manager import CheckpointManager, RetentionPolicy, committed_steps
 from lbva.checkpoints_tools.train_state import TrainState
 from lbva.errors import UserError
-from lbva.models.config import get_preset
 from lbva.models.mot import LingBotVA
 from lbva.models.weights import WeightImportError, import_wan_video_stream
 from lbva.parallelism.fp8 import apply_fp8
@@ -172,7 +171,7 @@ def open_logger(config: TrainConfig, run_dir: Path, console: Console, start_step
 
 def build_model(config: TrainConfig, device: torch.device) -> LingBotVA:
     torch.manual_seed(config.run.seed)
-    model = LingBotVA(get_preset(config.model.preset))
+    model = LingBotVA(config.model.model_config())
     if config.model.init_from_wan is not None:
         try:
             import_wan_video_stream(model, config.model.init_from_wan)

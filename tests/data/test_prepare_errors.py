@@ -106,7 +106,7 @@ def run_cli(*argv):
 def test_cli_prepares_with_standin_encoders_and_prints_a_summary(v21_dataset, tmp_path, capsys):
     run_cli(v21_dataset, tmp_path / "out", "--encoders", "standin", "--standin-text-dim", "16",
             "--action-channels", "0,1", "--height", "64", "--width", "64", "--shard-samples", "2")
-    assert "demo task 0/1: 2 shards (5 samples) written, 0 already done" in capsys.readouterr().out
+    assert "demo: 2 shards (5 samples) written, 0 already done" in capsys.readouterr().out
 
 
 def test_cli_real_encoders_need_their_folders(v21_dataset, tmp_path):

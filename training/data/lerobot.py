@@ -172,6 +172,43 @@ class LeRobotDataset:
         tasks = dict(zip(table.column("task_index").to_pylist(), table.column(text).to_pylist()))
         return episodes, {int(k): str(v) for k, v in tasks.items()}
 
+    def camera_size(self, camera_key: str) -> tuple[int, int]:
+        """(height, width) in pixels of a video feature, as info.json records it."""
+        feature = self.info["features"][camera_key]
+        details = feature.get("info") or feature.get("video_info") or {}
+        if "video.height" in details and "video.width" in details:
+            return int(details["video.height"]), int(details["video.width"])
+        shape, names = feature.get("shape", []), feature.get("names") or []
+        if len(shape) == 3 and list(names)[:3] in (["height", "width", "channels"], ["channels", "height", "width"]):
+            return int(shape[names.index("height")]), int(shape[names.index("width")])
+        if len(shape) == 3:
+            return int(shape[0]), int(shape[1])
+        raise UserError(f"{self.root / 'meta' / 'info.json'}: video feature '{camera_key}' records no height and "
+                        "width (features.KEY.shape or info.video.height/width)")
+
+    def feature_names(self, key: str) -> list[str]:
+        """The per-dim names of a vector feature (`action`, `observation.state`) as info.json gives them
+        (a list, or a dict of lists such as {"motors": [...]}); "dim i" for dims it leaves unnamed."""
+        feature = self.info["features"].get(key)
+        if feature is None:
+            return []
+        dims = int(np.prod(feature.get("shape", [0]))) if feature.get("shape") else 0
+        names = feature.get("names") or []
+        if isinstance(names, dict):
+            names = [name for group in names.values() for name in (group if isinstance(group, list) else [group])]
+        names = [str(name) for name in names]
+        return names if len(names) == dims else [f"dim {i}" for i in range(dims)]
+
+    def texts(self) -> list[str]:
+        """Every instruction text of the dataset, sorted: the task table and the episodes'
+        `action_config` segment texts (what prepare encodes with the text encoder)."""
+        texts = set(self._tasks.values())
+        for record in self._episodes.values():
+            texts.update(str(tasks) for tasks in record.get("tasks") or [])
+            texts.update(str(item.get("action_text", "")) for item in record.get("action_config") or []
+                         if isinstance(item, dict))
+        return sorted(text for text in texts if text)
+
     @property
     def episode_indices(self) -> list[int]:
         """The dataset's episode indices, ascending."""

@@ -73,3 +73,39 @@ def write_tiny_umt5(folder: Path, words: Iterable[str], d_model: int = 32, seed:
                         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
     UMT5EncoderModel(config).save_pretrained(folder)
     return Path(folder)
+
+
+CALIBRATION_EPISODES = 2  # episodes of the dataset whose first clip calibrates the tiny VAE
+CALIBRATION_FRAMES = 9  # 1 + 4k frames per clip
+
+
+def write_tiny_encoders(out: Path, vocab_from: Path | None = None) -> tuple[Path, Path]:
+    """`lbva data tiny-encoders`: the tiny VAE in out/vae and the tiny umT5 (32 wide, the demo and
+    tiny presets' text_dim) in out/text_encoder -> the two folders, for `--vae` / `--text-encoder`.
+
+    With `vocab_from` (a LeRobot folder) the umT5 knows every prompt word of that dataset and the
+    VAE's latent statistics are computed on its first camera's clips, so its latents have unit
+    variance on that data; without it every word is <unk> and the statistics are placeholders.
+    """
+    from lbva.training.data.describe import prompt_words
+    from lbva.training.data.lerobot import LeRobotDataset
+
+    words: list[str] = []
+    clips: list[np.ndarray] = []
+    if vocab_from is not None:
+        dataset = LeRobotDataset(vocab_from)
+        words = prompt_words(dataset.texts())
+        if dataset.camera_keys:
+            clips = [_calibration_clip(dataset, episode) for episode in dataset.episode_indices[:CALIBRATION_EPISODES]]
+            clips = [clip for clip in clips if clip is not None]
+    return write_tiny_wan_vae(out / "vae", calibration_clips=clips), write_tiny_umt5(out / "text_encoder", words)
+
+
+def _calibration_clip(dataset, episode: int) -> np.ndarray | None:
+    """The first CALIBRATION_FRAMES frames of the episode's first camera, cropped to the VAE's
+    16 px grid (None for an episode shorter than that)."""
+    if dataset.episode_length(episode) < CALIBRATION_FRAMES:
+        return None
+    frames = dataset.read_episode(episode, frame_indices=range(CALIBRATION_FRAMES)).frames[dataset.camera_keys[0]]
+    height, width = (frames.shape[1] // 16) * 16, (frames.shape[2] // 16) * 16
+    return frames[:, :height, :width]
