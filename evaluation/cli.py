@@ -7,20 +7,42 @@ import argparse
 import time
 from pathlib import Path
 
+from lbva.errors import UserError
+
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from lbva.inference.settings import InferenceSettings
 
     from .run import EvalOptions, evaluate
 
-    settings = InferenceSettings(chunk_size=args.chunk_size, video_steps=args.video_steps,
-                                 action_steps=args.action_steps, video_guidance=args.video_guidance,
-                                 action_guidance=args.action_guidance)
-    options = EvalOptions(samples_per_source=args.samples, rollout_chunks=args.rollout_chunks,
-                          pictures_per_source=args.pictures, settings=settings, ema=args.ema, vae=args.vae)
-    summary = evaluate(args.checkpoint, args.data, args.out, options, seed=args.seed)
-    if "pictures" in summary:  # the writing rank
-        _print_summary(summary, Path(summary["out"]))
+    sweep = len(args.video_guidance) > 1
+    summaries = []
+    for guidance in args.video_guidance:
+        settings = InferenceSettings(chunk_size=args.chunk_size, video_steps=args.video_steps,
+                                     action_steps=args.action_steps, video_guidance=guidance,
+                                     action_guidance=args.action_guidance)
+        options = EvalOptions(samples_per_source=args.samples, rollout_chunks=args.rollout_chunks,
+                              pictures_per_source=args.pictures, settings=settings, ema=args.ema, vae=args.vae)
+        out = args.out / f"video_guidance_{guidance:g}" if sweep and args.out is not None else args.out
+        if sweep and out is None:
+            raise UserError("lbva eval: several --video-guidance values need --out (one folder per value in it)")
+        summary = evaluate(args.checkpoint, args.data, out, options, seed=args.seed)
+        if "pictures" in summary:  # the writing rank
+            _print_summary(summary, Path(summary["out"]))
+            summaries.append((guidance, summary))
+    if sweep and summaries:
+        print(guidance_table(summaries), end="")
+
+
+SWEPT = ("video_mse", "video_mse_sampled", "video_mse_rollout", "action_mse", "action_mse_sampled")
+
+
+def guidance_table(summaries: list[tuple[float, dict]]) -> str:
+    """One row per video guidance scale: the metrics that guidance moves (lower is better)."""
+    lines = ["| video guidance | " + " | ".join(SWEPT) + " |", "|---:|" + "---:|" * len(SWEPT)]
+    for guidance, summary in summaries:
+        lines.append(f"| {guidance:g} | " + " | ".join(f"{summary[key]:.4f}" for key in SWEPT) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -66,8 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--chunk-size", type=int, default=4, help="latent frames per chunk (K)")
     command.add_argument("--video-steps", type=int, default=10)
     command.add_argument("--action-steps", type=int, default=10)
-    command.add_argument("--video-guidance", type=float, default=1.0,
-                         help="1 = none: the mean squared error favours the conditional mean")
+    command.add_argument("--video-guidance", type=float, nargs="+", default=[1.0],
+                         help="1 = none: the mean squared error favours the conditional mean; several values "
+                              "sweep them (one folder each under --out, and a table comparing them)")
     command.add_argument("--action-guidance", type=float, default=1.0)
     command.add_argument("--ema", action="store_true", help="score the EMA weights")
     command.add_argument("--vae", type=Path, default=None,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lbva.errors import UserError
 from lbva.inference.world_model import WorldModelSampler
 from lbva.training.data.samples import EpisodeSample
 
@@ -62,8 +63,8 @@ def score_episode(sampler: WorldModelSampler, point: WorldModelSampler, sample: 
     -> the scores, and the open-loop sampled latents [z, K * (1 + rollout), h, w] (chunk 0 true)."""
     k = sampler.settings.chunk_size
     if sample.latents.shape[1] // k < 2:
-        raise ValueError(f"sample {sample.key} has {sample.latents.shape[1]} latent frames, fewer than two "
-                         f"chunks of {k}")
+        raise UserError(f"lbva eval: held-out sample {sample.key} has {sample.latents.shape[1]} latent frames, "
+                        f"fewer than two chunks of {k}; give a smaller --chunk-size")
     scores = EpisodeScores(sample.key, sample.source)
     _one_chunk_ahead(point, sample, empty_text, scores.video_se, scores.action_se)
     _one_chunk_ahead(sampler, sample, empty_text, scores.video_sampled_se, scores.action_sampled_se)

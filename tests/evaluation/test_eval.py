@@ -103,6 +103,25 @@ def test_a_run_that_logs_to_wandb_gets_the_numbers_and_the_pictures(dataset, tmp
     assert b"eval/video_mse" in record and json.dumps(summary["video_mse"]).encode() in record
 
 
+SMALL = ["--samples", "1", "--rollout-chunks", "1", "--pictures", "0", "--video-steps", "2", "--action-steps", "2"]
+
+
+def test_several_video_guidance_scales_are_swept_into_one_table(dataset, untrained, tmp_path, capsys):
+    assert lbva(["eval", str(untrained), "--data", str(dataset), "--out", str(tmp_path), "--chunk-size", str(CHUNK),
+                 *SMALL, "--video-guidance", "1", "3"]) == 0
+    table = capsys.readouterr().out.split("| video guidance |")[1]
+    assert "\n| 1 | " in table and "\n| 3 | " in table
+    scored = [json.loads((tmp_path / f"video_guidance_{g}" / "summary.json").read_text()) for g in ("1", "3")]
+    assert [s["settings"]["video_guidance"] for s in scored] == [1.0, 3.0]
+    assert scored[0]["video_mse_sampled"] != scored[1]["video_mse_sampled"]
+
+
+def test_episodes_shorter_than_two_chunks_are_refused_in_one_line(dataset, untrained, tmp_path, capsys):
+    assert lbva(["eval", str(untrained), "--data", str(dataset), "--out", str(tmp_path), "--chunk-size", "4",
+                 *SMALL]) == 2
+    assert "fewer than two chunks of 4; give a smaller --chunk-size" in capsys.readouterr().err
+
+
 def test_eval_refuses_a_folder_without_a_checkpoint(tmp_path, capsys):
     assert lbva(["eval", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert "not a committed lbva checkpoint" in capsys.readouterr().err
