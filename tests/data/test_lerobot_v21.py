@@ -134,3 +134,29 @@ def test_frame_count_is_checked_when_decoding_only_some_frames(copy):
     write_mp4(dataset.video_file(1, CAMERA), expected_episode(1).frames[:17], fps=20)
     with pytest.raises(UserError, match="has 17 frames"):
         dataset.read_episode(1, frame_indices=[0, 4])
+
+
+def _rewrite_episodes(root, edit):
+    path = root / "meta" / "episodes.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in edit(records)))
+
+
+def test_a_repeated_episode_index_is_refused_naming_the_file(copy):
+    _rewrite_episodes(copy, lambda records: [*records, dict(records[0], length=5)])
+    with pytest.raises(UserError, match=r"episodes.jsonl: episode_index 0 appears twice \(records 1 and 3\)"):
+        LeRobotDataset(copy)
+
+
+@pytest.mark.parametrize("length", [-4, 2.5, "21"])
+def test_a_length_that_is_not_a_whole_number_is_refused(copy, length):
+    _rewrite_episodes(copy, lambda records: [dict(records[0], length=length), records[1]])
+    with pytest.raises(UserError, match=r"episodes.jsonl: episode 0 has length .*a whole number >= 0"):
+        LeRobotDataset(copy)
+
+
+def test_a_stated_fps_that_the_videos_do_not_play_at_is_refused(copy):
+    info = json.loads((copy / "meta" / "info.json").read_text())
+    (copy / "meta" / "info.json").write_text(json.dumps(dict(info, fps=40)))
+    with pytest.raises(UserError, match=r"episode_000000.mp4 plays at 20 fps but .*info.json states fps 40"):
+        LeRobotDataset(copy).read_episode(0)

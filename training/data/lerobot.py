@@ -75,6 +75,23 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def _episode_table(records: list[dict], where: Path) -> dict[int, dict]:
+    """Episode records by episode_index. A repeated index or a length that is not a whole number
+    >= 0 is refused naming the file: either would otherwise drop an episode or mis-plan its frames."""
+    table: dict[int, dict] = {}
+    record_of: dict[int, int] = {}
+    for number, record in enumerate(records, start=1):
+        index, length = record.get("episode_index"), record.get("length")
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise UserError(f"{where}: record {number} has episode_index {index!r}, not a whole number")
+        if index in table:
+            raise UserError(f"{where}: episode_index {index} appears twice (records {record_of[index]} and {number})")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise UserError(f"{where}: episode {index} has length {length!r}; a length is a whole number >= 0")
+        table[index], record_of[index] = record, number
+    return table
+
+
 def _read_parquet(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """The table at `path`, or those of `columns` it has (all columns with None)."""
     if not path.is_file():
@@ -143,8 +160,8 @@ class LeRobotDataset:
         if self._is_v3:
             self._episodes, self._tasks = self._read_v3_meta()
         else:
-            episodes = _read_jsonl(self.root / "meta" / "episodes.jsonl")
-            self._episodes = {int(e["episode_index"]): e for e in episodes}
+            episodes_path = self.root / "meta" / "episodes.jsonl"
+            self._episodes = _episode_table(_read_jsonl(episodes_path), episodes_path)
             self._tasks = {int(t["task_index"]): str(t["task"])
                            for t in _read_jsonl(self.root / "meta" / "tasks.jsonl")}
         self._cached_table: tuple[Path, pa.Table] | None = None
@@ -154,15 +171,15 @@ class LeRobotDataset:
         if not files:
             raise UserError(f"{self.root / 'meta' / 'episodes'} holds no chunk-*/file-*.parquet; a LeRobot v3.0 "
                             "dataset needs its episode table")
-        episodes = {}
+        records: list[dict] = []
         for path in files:
             # Per-episode statistics are most of the table and nothing here needs them.
             try:
                 names = [n for n in pq.read_schema(path).names if not n.startswith("stats/")]
             except (pa.ArrowException, OSError) as err:
                 raise UserError(f"{path} cannot be read as parquet ({err})") from err
-            for record in _read_parquet(path, names).to_pylist():
-                episodes[int(record["episode_index"])] = record
+            records += _read_parquet(path, names).to_pylist()
+        episodes = _episode_table(records, self.root / "meta" / "episodes")
         tasks_path = self.root / "meta" / "tasks.parquet"
         table = _read_parquet(tasks_path)
         # pandas writes the task strings as the frame's index, whose column name varies.
@@ -342,6 +359,13 @@ class LeRobotDataset:
             return self._tasks[task_index]
         return self.episode_task(episode_index)
 
+    def _check_rate(self, video: Path, rate) -> None:
+        """The video's own frame rate must be info.json's fps: frames are picked by a stride in
+        that fps, so a 20 fps video under a stated 40 fps would be prepared at half the rate."""
+        if rate is not None and abs(float(rate) - self.fps) > 0.01 * self.fps:
+            raise UserError(f"{video} plays at {float(rate):g} fps but {self.root / 'meta' / 'info.json'} states "
+                            f"fps {self.fps}")
+
     def _decode(self, video: Path, data: Path, num_rows: int, indices: np.ndarray,
                 start: float | None) -> np.ndarray:
         """Decode the frames at `indices` of one episode: [len(indices), H, W, 3] uint8.
@@ -362,6 +386,7 @@ class LeRobotDataset:
                 if not container.streams.video:
                     raise UserError(f"{video} has no video stream")
                 stream = container.streams.video[0]
+                self._check_rate(video, stream.average_rate or stream.guessed_rate)
                 stream.thread_type = "AUTO"
                 shape = (stream.height, stream.width, 3)
                 declared = stream.frames
