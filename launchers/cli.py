@@ -16,6 +16,7 @@ stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from lbva.parallelism import plan
 from lbva.training import cli as training_cli
 from lbva.training.data import cli as data_cli
 
-from .local import DEFAULT_MAX_RESTARTS
+from .local import DEFAULT_MAX_RESTARTS, USER_ERROR_FILE
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -207,6 +208,9 @@ def main(argv: list[str] | None = None, *, configure_output: bool = False) -> in
     `configure_output` (the console script and `python -m`): set this process's logging up, quiet
     unless --verbose (lbva/quiet.py); off for callers that keep their own logging, such as tests.
     """
+    recorded = os.environ.get(USER_ERROR_FILE)
+    if recorded and Path(recorded).is_file() and Path(recorded).stat().st_size:
+        return 2  # a restart of a group that stopped on a user mistake (launchers/local.py agent_main)
     try:
         parser = build_parser()
         _add_verbose(parser)
@@ -217,6 +221,10 @@ def main(argv: list[str] | None = None, *, configure_output: bool = False) -> in
             configure(getattr(args, "verbose", False))
         args.func(args)
     except UserError as error:
+        if recorded:
+            with open(recorded, "a") as record:  # the agent prints it once, for every rank
+                record.write(f"{error}\n")
+            return 2
         print(f"lbva: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -12,9 +12,11 @@ chained or requeued job finds when the run ended during the job before it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +99,10 @@ _STOP_REASONS = {
 }
 
 
+# Names the file where a worker of `lbva launch local` records a user mistake (agent_main).
+USER_ERROR_FILE = "LBVA_USER_ERROR_FILE"
+
+
 # Group restarts torchrun makes inside one launch before it gives up (`lbva launch local
 # --max-restarts`; slurm/pretrain.sbatch has the same default).
 DEFAULT_MAX_RESTARTS = 3
@@ -147,6 +153,11 @@ def launch_local(
 def agent_main(run_dir: Path, torchrun_args: list[str], verbose: bool = False) -> int:
     """torchrun's agent in this process -> the exit status of `lbva launch local`.
 
+    A user mistake that only a worker can see (a bad weights folder, data that fails mid-run) is
+    not worth a restart: the worker records its one line in the file USER_ERROR_FILE names, every
+    restarted worker then exits 2 at once, and the launch ends with that line and status 2 instead
+    of torchrun's failure report.
+
     On SIGTERM torchrun's agent passes the signal to the workers, which checkpoint at their next
     step boundary and say so in one line (`run_worker`), waits for them, and then raises: as a
     command, torchrun would print a traceback and exit 1 for a stop that went as planned. Here that
@@ -154,12 +165,30 @@ def agent_main(run_dir: Path, torchrun_args: list[str], verbose: bool = False) -
     for any other signal (SIGINT, SIGHUP: no checkpoint is promised for those).
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     if not verbose:  # torchrun's notices (OMP_NUM_THREADS, "shutting down workers") stay off stderr
         mute_library_loggers()
+    handle, user_error = tempfile.mkstemp(prefix="lbva-user-error-")
+    os.close(handle)
+    os.environ[USER_ERROR_FILE] = user_error
+    # A worker's exit 2 after it recorded a user mistake is that mistake, said once at the end.
+    recorded = lambda: os.path.getsize(user_error) > 0  # noqa: E731
+    quiet_user_errors = logging.Filter()
+    quiet_user_errors.filter = lambda record: not (record.levelno >= logging.ERROR and recorded())
+    logging.getLogger("torch.distributed.elastic").addFilter(quiet_user_errors)
+    for name in logging.root.manager.loggerDict:
+        if name.startswith("torch.distributed.elastic."):
+            logging.getLogger(name).addFilter(quiet_user_errors)
     try:
         torchrun(torchrun_args)
+    except ChildFailedError:
+        messages = Path(user_error).read_text().splitlines()
+        if not messages:
+            raise
+        print(f"lbva: error: {messages[0]}", file=sys.stderr)  # each rank wrote it; once is enough
+        return 2
     except SignalException as stop:
         step = newest_committed_step(run_dir)
         if stop.sigval == signal.SIGTERM and step > 0:
@@ -168,6 +197,8 @@ def agent_main(run_dir: Path, torchrun_args: list[str], verbose: bool = False) -
         print(f"lbva launch local: stopped by {signal.Signals(stop.sigval).name}; {resume} ({run_dir})",
               file=sys.stderr)
         return 128 + int(stop.sigval)
+    finally:
+        Path(user_error).unlink(missing_ok=True)
     return 0
 
 
