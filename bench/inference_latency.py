@@ -1,4 +1,5 @@
-"""Per-chunk latency and control throughput of the policy server, synchronous vs asynchronous.
+"""Per-chunk latency and control throughput of the policy server: synchronous vs asynchronous
+control, the chunk with and without the savings of issue #14 item 3, and 4 sessions vs 1.
 
     python bench/inference_latency.py --chunks 24 --repeats 3 --threads 1
     python bench/inference_latency.py --video-steps 25 --action-steps 50 --chunks 20 --repeats 2 \
@@ -32,6 +33,17 @@ In steady state sync runs one chunk per E + P_sync and async one per max(E, P_as
 ratio at E = P_sync is 2 P_sync / P_async: the forward-dynamics pass (one extra forward per chunk)
 is what keeps it below 2. Calibration and the measured episodes of a repeat run back to back, so load
 changes on a shared machine move them together; rows report medians over repeats.
+
+Two more figures, measured in the same run (the "chunk" and "sessions" entries of the JSON line):
+
+    chunk      steady-state synchronous prediction time per chunk (feedback + infer) of the runtime
+               alone, with every forward in full (`shortcuts=False`: the prompt's projection and
+               cross-attention K/V recomputed by each forward, both CFG rows in the unguided action
+               loop) and with the shortcuts; before and after alternate within each repeat.
+               --text-tokens sets the prompt length (512, the reference's).
+    sessions   executed actions per second of robot time, summed over robots, of --sessions robots
+               driving one server at once vs one robot alone, each robot as slow as the policy
+               (E = P_sync of one robot, calibrated in each repeat).
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +79,7 @@ PROMPT = "push the block to the target"
 
 
 def make_bundle(folder: Path, preset: str, image_size: int, settings: InferenceSettings,
-                actions_per_frame: int) -> Path:
+                actions_per_frame: int, text_tokens: int) -> Path:
     torch.manual_seed(0)
     model = LingBotVA(get_preset(preset))
     checkpoint = write_weights_checkpoint(model, folder / "checkpoint", preset, "benchmark")
@@ -75,7 +88,7 @@ def make_bundle(folder: Path, preset: str, image_size: int, settings: InferenceS
     spec = BundleSpec(
         cameras=CameraLayout(CAMERAS, make_tiling("side_by_side", len(CAMERAS), [image_size], [image_size])),
         action_channels=CHANNELS, actions_per_frame=actions_per_frame, stats=ActionStats(q01, q99),
-        encoders=EncoderChoice("standin", standin_text_dim=model.config.text_dim), text_tokens=16, defaults=settings)
+        encoders=EncoderChoice("standin", standin_text_dim=model.config.text_dim), text_tokens=text_tokens, defaults=settings)
     return export_inference_bundle(checkpoint, folder / "bundle", spec)
 
 
@@ -166,6 +179,32 @@ def run_async(client: PolicyClient, robot: Robot, chunks: int, chunk_size: int) 
     return episode
 
 
+def chunk_latency(runtime, robot: Robot, chunks: int, chunk_size: int, shortcuts: bool) -> float:
+    """Steady-state seconds per synchronous chunk (feedback + infer) of the runtime, without a server."""
+    runtime.sampler.shortcuts = shortcuts  # read when an episode starts and by each action loop
+    runtime.reset(PROMPT)
+    actions = runtime.infer(robot.observation())
+    latencies: list[float] = []
+    for chunk in range(chunks - 1):
+        started = time.perf_counter()
+        runtime.feedback(robot.keyframes(4 * (chunk_size - 1 if chunk == 0 else chunk_size)), actions)
+        actions = runtime.infer()
+        latencies.append(time.perf_counter() - started)
+    return statistics.mean(latencies[len(latencies) // 2:])
+
+
+def sessions_actions_per_s(port: int, robots: int, seconds: float, chunks: int, chunk_size: int,
+                           image_size: int, actions: int) -> float:
+    """Executed actions per second of robot time, summed over `robots` robots driving one server at
+    once, each taking `seconds` per chunk (steady state, from chunk n/2 on)."""
+    def one(_: int) -> float:
+        with PolicyClient(f"ws://127.0.0.1:{port}") as client:
+            return run_sync(client, Robot(image_size, seconds), chunks, chunk_size).steady_chunks_per_s(chunks // 2)
+
+    with ThreadPoolExecutor(robots) as pool:
+        return sum(pool.map(one, range(robots))) * actions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo-mot")
@@ -182,6 +221,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="calibrations, each followed by one "
                         "sync/async episode pair per robot time")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--text-tokens", type=int, default=512, help="prompt length of the bundle")
+    parser.add_argument("--sessions", type=int, default=4, help="robots on one server, against one alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = InferenceSettings(chunk_size=args.chunk_size, video_steps=args.video_steps,
@@ -191,13 +232,27 @@ def main() -> None:
     steady_from = args.chunks // 2
 
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = make_bundle(Path(tmp), args.preset, args.image_size, settings, args.actions_per_frame)
+        bundle = make_bundle(Path(tmp), args.preset, args.image_size, settings, args.actions_per_frame,
+                             args.text_tokens)
         runtime = load_bundle(bundle).runtime()
-        with BackgroundServer(runtime, ServerOptions(port=0)) as server, \
+        chunk_runs: list[dict] = []
+        session_runs: list[dict] = []
+        options = ServerOptions(port=0, max_sessions=args.sessions + 1)  # + the calibrating client
+        with BackgroundServer(runtime, options) as server, \
                 PolicyClient(f"ws://127.0.0.1:{server.port}") as client:
             run_sync(client, Robot(args.image_size, 0.0), 3, args.chunk_size)  # warm-up
             runs: dict[str, list[dict]] = {}
             for _ in range(args.repeats):
+                local = runtime.new_session()
+                chunk_runs.append({
+                    name: chunk_latency(local, Robot(args.image_size, 0.0), args.chunks, args.chunk_size, shortcuts)
+                    for name, shortcuts in (("full", False), ("shortcuts", True))})
+                del local
+                one_p = run_sync(client, Robot(args.image_size, 0.0), args.chunks, args.chunk_size).steady_latency()
+                session_runs.append({"exec": one_p, **{
+                    str(n): sessions_actions_per_s(server.port, n, one_p, args.chunks, args.chunk_size,
+                                                   args.image_size, args.chunk_size * args.actions_per_frame)
+                    for n in (1, args.sessions)}})
                 p_sync = run_sync(client, Robot(args.image_size, 0.0), args.chunks, args.chunk_size).steady_latency()
                 p_async = run_async(client, Robot(args.image_size, 0.0), args.chunks, args.chunk_size).steady_latency()
                 points = [(f"{f:g} x P_sync", f * p_sync) for f in fractions] + [("P_async", p_async)]
@@ -244,7 +299,20 @@ def main() -> None:
     print("P_sync, P_async: calibrated steady-state prediction ms per chunk (no execution time); run P_*: the "
           "same inside the timed episodes; async/sync: measured steady-state ratio; bound: (E + P_sync) / "
           f"max(E, P_async) from the calibration; episode: whole {args.chunks}-chunk episodes")
-    print(json.dumps(rows))
+    chunk = {"text_tokens": args.text_tokens,
+             "full_ms": statistics.median(r["full"] for r in chunk_runs) * 1e3,
+             "shortcuts_ms": statistics.median(r["shortcuts"] for r in chunk_runs) * 1e3,
+             "speedup": statistics.median(r["full"] / r["shortcuts"] for r in chunk_runs)}
+    sessions = {"sessions": args.sessions, "exec_ms": statistics.median(r["exec"] for r in session_runs) * 1e3,
+                "one_actions_per_s": statistics.median(r["1"] for r in session_runs),
+                "many_actions_per_s": statistics.median(r[str(args.sessions)] for r in session_runs),
+                "ratio": statistics.median(r[str(args.sessions)] / r["1"] for r in session_runs)}
+    print(f"chunk ({args.text_tokens} text tokens, sync, runtime alone): full forwards {chunk['full_ms']:.0f} ms, "
+          f"with the shortcuts {chunk['shortcuts_ms']:.0f} ms: {chunk['speedup']:.2f}x")
+    print(f"sessions (robot time E = P_sync of one robot, {sessions['exec_ms']:.0f} ms): 1 robot "
+          f"{sessions['one_actions_per_s']:.1f} actions/s, {args.sessions} robots on one server "
+          f"{sessions['many_actions_per_s']:.1f} actions/s: {sessions['ratio']:.2f}x")
+    print(json.dumps({"async": rows, "chunk": chunk, "sessions": sessions}))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,21 @@ calls within one forward: call i is depth i. Every forward gets a fresh kernel (
 forward fails if the count is not num_layers at its end or a call arrives past the last depth, so a
 model that changed this contract (e.g. recomputation under activation checkpointing, which inference
 never uses) is caught instead of silently mixing depths.
+
+The prompt's work, once per episode. The text of an episode is fixed, so its projection to the
+model width and every depth's cross-attention K/V are computed once (`EpisodeText`, at the start of
+an episode) and every forward reuses them: the forward hands the model an empty text, so the
+model's own cross-attention projects zero text tokens, and the cross-attention kernel (which counts
+its calls per depth like the self-attention one) attends to the episode's K/V instead. The K/V
+themselves come from the model's own modules (`TextProjection`, then each depth's `attn2` run on the
+text with a kernel that keeps what it is given), so the numbers are those the model computes.
+
+`CachedModel(..., reuse_prompt=False)` keeps the model's own per-forward text work (the path before
+this cache), which the equality tests and bench/inference_latency.py compare against.
+
+CFG rows. A forward runs every text row (prompt, and the negative prompt under guidance) unless it
+asks for the first `rows` only: the action loop with action guidance 1 needs the prompt row alone.
+Such a forward may not store anything, since later guided forwards read every row of the cache.
 """
 
 from __future__ import annotations
@@ -65,26 +80,87 @@ class TokenGroup:
         return self.tokens.shape[0]
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q, k, v [B, L, H, D] -> [B, Lq, H, D]."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=mask).transpose(1, 2)
+
+
+class _KeepKeysValues:
+    """A cross-attention kernel that keeps the K/V the model hands it and attends to nothing."""
+
+    def __init__(self) -> None:
+        self.kept: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.kept = (k, v)
+        return q  # no queries: the caller passes zero tokens
+
+
+@dataclass(frozen=True)
+class EpisodeText:
+    """The prompt's work of one episode: per depth the cross-attention K and V [B, T, H, D] of the
+    projected text rows (row 0 the prompt, row 1 under CFG the negative prompt)."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: LingBotVA, text: torch.Tensor) -> EpisodeText:
+        """text features [B, T, text_dim] -> the K/V every depth's cross-attention reads, computed by
+        the model's own text projection and cross-attention modules."""
+        dtype = next(model.parameters()).dtype
+        projected = model.condition_embedder.text_embedder(text.to(dtype))  # [B, T, video width]
+        keys, values = [], []
+        for depth in model.depths():
+            keep = _KeepKeysValues()
+            depth.entry.attn2(projected[:, :0], projected, keep)
+            keys.append(keep.kept[0])
+            values.append(keep.kept[1])
+        return cls(tuple(keys), tuple(values))
+
+
+class _EpisodeCrossAttention:
+    """The cross-attention kernel of one forward: call i is depth i, which attends to the episode's
+    K/V of depth i (first `rows` rows); the model's own K/V are of the empty text it was handed."""
+
+    def __init__(self, text: EpisodeText, rows: int) -> None:
+        self.text = text
+        self.rows = rows
+        self.depth = 0
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.depth >= len(self.text.keys) or k.shape[1] != 0:
+            raise RuntimeError("the model's cross-attention did not run once per depth on the empty text")
+        keys, values = self.text.keys[self.depth][: self.rows], self.text.values[self.depth][: self.rows]
+        self.depth += 1
+        # Every token sees all text tokens, zero padding included, as in training and the reference.
+        return _sdpa(q, keys.to(q.dtype), values.to(q.dtype))
+
+
 class _CachedSelfAttention:
     """The self-attention kernel of one forward: call i is depth i (see the module docstring)."""
 
     def __init__(self, cache: KVCache, reservation: Reservation, ranges: Sequence[tuple[int, int]],
-                 mask: torch.Tensor | None) -> None:
+                 mask: torch.Tensor | None, rows: int) -> None:
         self.cache = cache
         self.reservation = reservation
         self.ranges = ranges  # token range of each group in the joint sequence
         self.mask = mask  # [Lq, n_cached + Lq] bool, None when every query sees every key
+        self.rows = rows  # CFG rows this forward runs: the first `rows` of the cache
         self.depth = 0
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.depth >= self.cache.num_layers:
             raise RuntimeError(f"self-attention called {self.depth + 1} times in one forward; the cache has "
                                f"{self.cache.num_layers} depths")
-        cached_k, cached_v = self.cache.read(self.depth, self.reservation)
-        keys = torch.cat([cached_k.to(k.dtype), k], dim=1)
-        values = torch.cat([cached_v.to(v.dtype), v], dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=self.mask).transpose(1, 2)
+        keys, values = self.cache.read_with(self.depth, self.reservation, k, v)  # [rows, n + Lq, H, D]
+        out = _sdpa(q.to(keys.dtype), keys, values, self.mask).to(q.dtype)
         for slots, (start, end) in zip(self.reservation.group_slots, self.ranges):
             if slots is not None:
                 self.cache.store(self.depth, slots, k[:, start:end], v[:, start:end])
@@ -92,31 +168,33 @@ class _CachedSelfAttention:
         return out
 
 
-def _cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # Every token sees all text tokens, zero padding included, as in training and the reference.
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-
 class CachedModel:
-    """The model plus its KV cache and the episode's text rows (one per CFG batch row)."""
+    """The model plus its KV cache and the episode's text (one row per CFG batch row)."""
 
-    def __init__(self, model: LingBotVA, cache: KVCache, text: torch.Tensor) -> None:
-        """text [B, T, text_dim]: row 0 the prompt, row 1 (with CFG) the negative prompt."""
+    def __init__(self, model: LingBotVA, cache: KVCache, text: torch.Tensor, reuse_prompt: bool = True) -> None:
+        """text [B, T, text_dim]: row 0 the prompt, row 1 (with CFG) the negative prompt.
+        reuse_prompt: compute the prompt's work once (EpisodeText), else in every forward."""
         self.model = model
         self.cache = cache
         self.text = text
+        self.episode_text = EpisodeText.of(model, text) if reuse_prompt else None
+        self.device = text.device
 
     @property
     def batch(self) -> int:
         return self.text.shape[0]
 
     @torch.no_grad()
-    def forward(self, groups: Sequence[TokenGroup]) -> list[torch.Tensor]:
+    def forward(self, groups: Sequence[TokenGroup], rows: int | None = None) -> list[torch.Tensor]:
         """Run the groups through the model, writing each into the cache by its write mode.
+        rows: run only the first `rows` CFG rows (default all); such a forward may not store.
 
-        Returns, per group in the given order, the model's prediction [B, L, D_out] (video in the
+        Returns, per group in the given order, the model's prediction [rows, L, D_out] (video in the
         head's patch-major order).
         """
+        rows = self.batch if rows is None else rows
+        if rows < self.batch and any(g.write != WriteMode.TRANSIENT for g in groups):
+            raise ValueError("a forward over some CFG rows cannot store: later forwards read every row")
         # The model's token order: video groups, then action groups, each kept in the given order.
         order = sorted(range(len(groups)), key=lambda i: groups[i].modality == "action")
         ordered = [groups[i] for i in order]
@@ -131,12 +209,13 @@ class CachedModel:
         reservation = self.cache.reserve([len(g) for g in ordered], [g.write for g in ordered],
                                          [g.chunk_id for g in ordered])
         mask = self._mask(ordered, reservation)
-        attention = _CachedSelfAttention(self.cache, reservation, ranges, mask)
+        attention = _CachedSelfAttention(self.cache, reservation, ranges, mask, rows)
         try:
             video = [g for g in ordered if g.modality == "video"]
             action = [g for g in ordered if g.modality == "action"]
-            kernels = AttentionKernels(attention, _cross_attention)
-            video_out, action_out = self.model(self._inputs(video, action), kernels)
+            cross = _sdpa if self.episode_text is None else _EpisodeCrossAttention(self.episode_text, rows)
+            kernels = AttentionKernels(attention, cross)
+            video_out, action_out = self.model(self._inputs(video, action, rows), kernels)
             if attention.depth != self.cache.num_layers:
                 raise RuntimeError(f"the model called self-attention {attention.depth} times in one forward, "
                                    f"expected once per depth ({self.cache.num_layers})")
@@ -149,17 +228,17 @@ class CachedModel:
                 else action_out[:, span[i][0] - joint_video:span[i][1] - joint_video]
                 for i, group in enumerate(groups)]
 
-    def _inputs(self, video: list[TokenGroup], action: list[TokenGroup]) -> ModelInputs:
+    def _inputs(self, video: list[TokenGroup], action: list[TokenGroup], rows: int) -> ModelInputs:
         config = self.model.config
         dtype = next(self.model.parameters()).dtype
-        device = self.text.device
+        device = self.device
 
         def stack(parts: list[TokenGroup], field: str, width: int | None) -> torch.Tensor:
             if parts:
                 joined = torch.cat([getattr(g, field) for g in parts])
             else:
                 joined = torch.zeros((0,) if width is None else (0, width))
-            return joined.to(device).expand(self.batch, *joined.shape)
+            return joined.to(device).expand(rows, *joined.shape)
 
         return ModelInputs(
             video_tokens=stack(video, "tokens", config.video_token_dim).to(dtype),
@@ -168,7 +247,8 @@ class CachedModel:
             action_tokens=stack(action, "tokens", config.action_dim).to(dtype),
             action_timesteps=stack(action, "timesteps", None).float(),
             action_positions=stack(action, "positions", 3),
-            text=self.text.to(dtype),
+            # With the EpisodeText the model gets no text: its cross-attention kernel reads the episode's.
+            text=(self.text[:rows] if self.episode_text is None else self.text[:rows, :0]).to(dtype),
         )
 
     def _mask(self, ordered: list[TokenGroup], reservation: Reservation) -> torch.Tensor | None:
@@ -193,4 +273,4 @@ class CachedModel:
         if bool(sees_cached.all()) and bool(sees_current.all()):
             return None
         per_query = sees_cached[:, slot_of].repeat_interleave(sizes, dim=0)  # [Lq, n]
-        return torch.cat([per_query, sees_current], dim=1).to(self.text.device)
+        return torch.cat([per_query, sees_current], dim=1).to(self.device)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -159,18 +161,35 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             raise UserError(f"--token-file: {args.token_file} is empty")
     if args.max_message_mb <= 0:
         raise UserError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
+    if args.max_sessions < 1:
+        raise UserError(f"--max-sessions must be >= 1, got {args.max_sessions}")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "auto": torch.bfloat16 if device == "cuda" else torch.float32}[args.dtype]
     runtime = load_bundle(args.bundle).runtime(device, dtype, _settings_given(args))
-    options = ServerOptions(args.host, args.port, token, int(args.max_message_mb * (1 << 20)))
+    options = ServerOptions(args.host, args.port, token, int(args.max_message_mb * (1 << 20)), args.max_sessions)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    warning = exposure_warning(args.host, token)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"serving {args.bundle} on ws://{args.host}:{args.port} ({device}, {str(dtype).replace('torch.', '')}"
-          f"{', bearer token required' if token else ''})", flush=True)
+          f"{', token required' if token else ''})", flush=True)
     try:
         asyncio.run(PolicyServer(runtime, options).serve())
     except KeyboardInterrupt:
         print("stopped")
+
+
+def exposure_warning(host: str, token: str | None) -> str | None:
+    """A line for a server bound beyond this machine without a token, else None."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        loopback = host == "localhost"
+    if loopback or token is not None:
+        return None
+    return (f"lbva serve: warning: listening on {host} without a token: anyone who can reach this port can "
+            "drive the robot; give --token-file")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -180,8 +199,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--token-file", type=Path, default=None,
-                   help="file holding a bearer token; clients must then send 'Authorization: Bearer <token>'")
+                   help="file holding a token; clients must then send 'Authorization: Bearer <token>' "
+                        "or 'Authorization: Api-Key <token>' (the reference client's form)")
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted")
+    p.add_argument("--max-sessions", type=int, default=4,
+                   help="concurrent connections served, each its own episode and KV cache (default 4)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on the CPU")

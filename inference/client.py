@@ -24,8 +24,9 @@ class ServerError(RuntimeError):
 class PolicyClient:
     """One websocket connection to `lbva serve`; `metadata` is what the server sent on connect."""
 
-    def __init__(self, uri: str, token: str | None = None) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+    def __init__(self, uri: str, token: str | None = None, token_scheme: str = "Bearer") -> None:
+        """token_scheme: "Bearer", or "Api-Key" as the reference client sends its key."""
+        headers = {"Authorization": f"{token_scheme} {token}"} if token is not None else None
         # Entered as a context (what websockets >= 17 asks of connect()), closed by close().
         self._context = ExitStack()
         self._connection = self._context.enter_context(

@@ -13,6 +13,18 @@ A write group is everything one token group of one forward stores (e.g. the obse
 chunk). When the free slots do not suffice, whole groups are evicted oldest write id first (FIFO by
 write group), which makes the pool a sliding window over chunks.
 
+Copy-free reads. The stored slots are kept compacted at the front of each pool, in slot order:
+whatever frees slots (eviction, `clear_predicted`, an aborted forward) moves the survivors down, at
+most once per chunk. A forward then reads one view: `read_with` writes the current tokens' K/V into
+the scratch region right after the n stored slots and returns the pool's first n + L rows, so
+attention needs neither a gather of the readable slots nor a concatenation with the current K/V in
+each call. The pool grows once when a forward's tokens do not fit behind the stored ones. The
+current tokens' K/V are held in the pool's dtype, as the cached ones are.
+
+Memory: the pools are allocated by the first forward of an episode and released by `clear` (a
+reset), so a runtime that holds no episode (a server's template, a session between episodes)
+holds no K/V.
+
 Write modes follow the reference's `update_cache` argument:
     TRANSIENT (0)      the tokens are attended by their own forward and never stored, so they cannot
                        evict anything (the reference writes them to free slots and frees them after
@@ -42,7 +54,7 @@ class Reservation:
     the slots that forward may read (the entries stored before it, after eviction)."""
 
     group_slots: tuple[torch.Tensor | None, ...]  # long, on the K/V device
-    readable: torch.Tensor  # [n] long, on the K/V device
+    readable: torch.Tensor  # [n] long on the CPU: slots 0..n-1 (the stored slots are compacted)
     readable_chunk_ids: torch.Tensor  # [n] long, on the CPU
 
 
@@ -65,9 +77,11 @@ class KVCache:
         if capacity < 1:
             raise ValueError(f"KV cache capacity must be >= 1 slot, got {capacity}")
         self.capacity = capacity
-        shape = (batch, capacity, num_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_layers = num_layers
+        self._shape = (batch, capacity, num_heads, head_dim)
+        self._dtype, self._device = dtype, torch.device(device)
+        self.keys: list[torch.Tensor] = []  # per depth [B, S, H, D]; empty until the first reserve
+        self.values: list[torch.Tensor] = []
         self.write_id = torch.full((capacity,), -1, dtype=torch.long)
         self.chunk_id = torch.zeros(capacity, dtype=torch.long)
         self.predicted = torch.zeros(capacity, dtype=torch.bool)
@@ -75,8 +89,8 @@ class KVCache:
         self._next_write_id = 0
 
     @property
-    def num_layers(self) -> int:
-        return len(self.keys)
+    def allocated(self) -> bool:
+        return bool(self.keys)
 
     def reserve(self, sizes: Sequence[int], modes: Sequence[WriteMode], chunk_ids: Sequence[int]) -> Reservation:
         """Slots for the token groups of one forward (in order), evicting the oldest groups when the
@@ -87,11 +101,16 @@ class KVCache:
                              "raise the attention window")
         if bool(self.pending.any()):
             raise RuntimeError("a forward is still holding KV-cache slots; commit or abort it first")
+        if not self.keys:
+            self.keys = [torch.zeros(self._shape, dtype=self._dtype, device=self._device) for _ in range(self.num_layers)]
+            self.values = [torch.zeros_like(k) for k in self.keys]
         free = self.write_id < 0
         while int(free.sum()) < needed:
             oldest = self.write_id[~free].min()
             self._free(self.write_id == oldest)
             free = self.write_id < 0
+        self._compact()
+        free = self.write_id < 0
         readable = torch.nonzero(~free).flatten()
         free_slots = torch.nonzero(free).flatten()
         group_slots: list[torch.Tensor | None] = []
@@ -109,13 +128,20 @@ class KVCache:
             self._next_write_id += 1
             group_slots.append(slots)
         # Metadata lives on the CPU; the K/V pools may not: index them with indices on their device.
-        device = self.keys[0].device
+        device = self._device
         return Reservation(tuple(None if slots is None else slots.to(device) for slots in group_slots),
-                           readable.to(device), self.chunk_id[readable].clone())
+                           readable, self.chunk_id[readable].clone())
 
-    def read(self, layer: int, reservation: Reservation) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [B, n, H, D] of the slots this forward may read."""
-        return self.keys[layer][:, reservation.readable], self.values[layer][:, reservation.readable]
+    def read_with(self, layer: int, reservation: Reservation, keys: torch.Tensor, values: torch.Tensor,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[readable slots; the current K, V [b, L, H, D]] as one view [b, n + L, H, D] of the pool:
+        the current tokens go to the scratch region after the n stored slots (b <= the pool's rows)."""
+        n, rows, length = len(reservation.readable), keys.shape[0], keys.shape[1]
+        if n + length > self.keys[layer].shape[1]:
+            self._grow(n + length)
+        self.keys[layer][:rows, n:n + length] = keys
+        self.values[layer][:rows, n:n + length] = values
+        return self.keys[layer][:rows, :n + length], self.values[layer][:rows, :n + length]
 
     def store(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write K, V [B, len(slots), H, D] of one group at one depth."""
@@ -133,14 +159,18 @@ class KVCache:
         for slots in reservation.group_slots:
             if slots is not None:
                 self._free(torch.zeros_like(self.pending).index_fill_(0, slots.cpu(), True))
+        self._compact()
 
     def clear_predicted(self) -> None:
         """Drop every slot flagged predicted (before ground truth is written)."""
         self._free(self.predicted.clone())
+        self._compact()
 
     def clear(self) -> None:
+        """Free every slot and release the pools' memory (the next forward allocates them again)."""
         self._free(torch.ones_like(self.pending))
         self._next_write_id = 0
+        self.keys, self.values = [], []
 
     def groups(self) -> list[CachedGroup]:
         """The stored write groups, oldest first."""
@@ -150,6 +180,28 @@ class KVCache:
             members = self.write_id == write_id
             out.append(CachedGroup(write_id, int(members.sum()), bool(self.predicted[members].any())))
         return out
+
+    def _compact(self) -> None:
+        """Move the stored slots to the front of the pool, keeping their order."""
+        kept = torch.nonzero(self.write_id >= 0).flatten()
+        count = len(kept)
+        if torch.equal(kept, torch.arange(count)):
+            return
+        for meta, empty in ((self.write_id, -1), (self.chunk_id, 0), (self.predicted, False), (self.pending, False)):
+            meta[:count] = meta[kept].clone()
+            meta[count:] = empty
+        on_device = kept.to(self._device)
+        for pool in (*self.keys, *self.values):
+            pool[:, :count] = pool[:, on_device]
+
+    def _grow(self, slots: int) -> None:
+        """Room for `slots` rows per pool (stored slots plus a forward's scratch), keeping the contents."""
+        def grown(pool: torch.Tensor) -> torch.Tensor:
+            extra = pool.new_zeros(pool.shape[0], slots - pool.shape[1], *pool.shape[2:])
+            return torch.cat([pool, extra], dim=1)
+
+        self.keys = [grown(pool) for pool in self.keys]
+        self.values = [grown(pool) for pool in self.values]
 
     def _free(self, which: torch.Tensor) -> None:
         self.write_id[which] = -1

@@ -11,6 +11,7 @@ on quantile-normalised values, a_n = (a - q01) / (q99 - q01 + 1e-6) * 2 - 1.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -125,6 +126,12 @@ class ObservationEncoder:
         self._video = encoders.video(device)
         self.temporal_factor: int = self._video.temporal_factor  # observed frames per latent frame
         self._streams: list[StreamingEncoder] = []
+
+    def sibling(self) -> ObservationEncoder:
+        """An encoder for another episode: the same loaded video encoder, streams of its own."""
+        other = copy.copy(self)
+        other._streams = []
+        return other
 
     def _stream(self) -> StreamingEncoder:
         if isinstance(self._video, WanVideoEncoder):

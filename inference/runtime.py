@@ -59,10 +59,12 @@ class InferenceRuntime:
 
     def __init__(
         self, model: LingBotVA, settings: InferenceSettings, *, codec: ActionCodec, cameras: ObservationEncoder,
-        prompts: PromptEncoder, latent_size: tuple[int, int], actions_per_frame: int,
+        prompts: PromptEncoder, latent_size: tuple[int, int], actions_per_frame: int, shortcuts: bool = True,
     ) -> None:
+        """shortcuts: see WorldModelSampler (False: the full forwards the equality tests compare with)."""
         self.sampler = WorldModelSampler(model, settings, latent_size=latent_size,
-                                         actions_per_frame=actions_per_frame, action_mask=codec.mask)
+                                         actions_per_frame=actions_per_frame, action_mask=codec.mask,
+                                         shortcuts=shortcuts)
         self.model = self.sampler.model
         self.settings = settings
         self.codec = codec
@@ -73,6 +75,13 @@ class InferenceRuntime:
         self.cache = self.sampler.cache
         self._in_flight: list[_InFlight] = []
         self._next_chunk = 0
+
+    def new_session(self) -> InferenceRuntime:
+        """A runtime for another, concurrent episode: the same model weights, codec, prompt encoder and
+        loaded camera encoder; its own KV cache, camera streams, noise generator and chunks in flight."""
+        return InferenceRuntime(self.model, self.settings, codec=self.codec, cameras=self.cameras.sibling(),
+                                prompts=self.prompts, latent_size=self.sampler.latent_size,
+                                actions_per_frame=self.actions_per_frame, shortcuts=self.sampler.shortcuts)
 
     # --- episode interface -------------------------------------------------------------------
 
@@ -102,6 +111,20 @@ class InferenceRuntime:
         self._next_chunk += 1
         return self.codec.denormalize(actions, self.settings.chunk_size, self.actions_per_frame)
 
+    def _check_keyframes(self, keyframes: Sequence[Mapping[str, np.ndarray]], chunk: int) -> None:
+        """Every keyframe holds every camera as an [H, W, 3] image, one size per camera."""
+        for key in self.cameras.layout.keys:
+            shapes = set()
+            for number, frame in enumerate(keyframes):
+                image = frame.get(key) if isinstance(frame, Mapping) else None
+                if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+                    raise EpisodeError(f"feedback for chunk {chunk}: keyframe {number} has no [H, W, 3] image "
+                                       f"for camera '{key}'")
+                shapes.add(image.shape)
+            if len(shapes) > 1:
+                raise EpisodeError(f"feedback for chunk {chunk}: camera '{key}' keyframes have different sizes "
+                                   f"{sorted(shapes)}")
+
     def feedback(self, keyframes: Sequence[Mapping[str, np.ndarray]], executed: np.ndarray) -> None:
         """Ground the oldest chunk in flight: its observed keyframes (4 per latent frame with the Wan2.2
         VAE, oldest first; the first chunk's frame 0 is the first observation, so it takes 4(K-1)) and
@@ -118,6 +141,8 @@ class InferenceRuntime:
         if executed.shape != (len(self.codec.channels), k, self.actions_per_frame):
             raise EpisodeError(f"state must be the executed actions [{len(self.codec.channels)}, {k}, "
                                f"{self.actions_per_frame}], got {list(executed.shape)}")
+        self._check_keyframes(keyframes, done.chunk)
+        # Nothing above changed the episode: refused feedback leaves the chunk in flight for a retry.
         self._in_flight.pop(0)
         self.sampler.drop_predictions()
 

@@ -6,7 +6,8 @@ from the second request of a connection on, prev_total_ms (the whole previous re
 send). HTTP GET /healthz answers 200 "OK\\n" (without a token, so load balancers can probe it).
 
 Hardening the reference lacks: the server binds 127.0.0.1 unless told otherwise; with a token it
-refuses the websocket handshake (401) unless the request carries "Authorization: Bearer <token>";
+refuses the websocket handshake (401, before any model work) unless the request carries
+"Authorization: Bearer <token>" or the reference client's "Authorization: Api-Key <token>";
 messages above max_message_bytes are refused by the websocket layer (close code 1009); decoding
 never unpickles (protocol.py).
 
@@ -17,14 +18,23 @@ not cost the robot its session; only an unexpected server failure sends "interna
 closes with 1011 (the traceback goes to the server log, not to the client). Reference clients raise
 on any text response, so they see both.
 
-One runtime serves one episode at a time: requests of all connections run one after another (the
-model runs in a worker thread so the event loop keeps answering /healthz and handshakes).
+Sessions. Every connection is one session: its own episode, KV cache, camera streams and noise
+generator (`InferenceRuntime.new_session`: the weights and encoders are shared), so the reference
+clients, which send no session id, need nothing new, and two robots on one server never see each
+other's episode. At most `max_sessions` connections are served; a further handshake is refused with
+503 and a message saying so (a handshake that races past that check is closed with 1013, try again
+later), and the others keep serving. A session's cache goes with its connection: on disconnect,
+even in the middle of a request, the session is dropped once the request in flight finishes; a reset
+releases the cache's memory until the next forward. Requests of all sessions run one after another
+(the model runs in a worker thread so the event loop keeps answering /healthz and handshakes);
+requests of different sessions are not batched into one forward.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import threading
 import time
@@ -45,20 +55,39 @@ from .settings import DEFAULT_PORT
 log = logging.getLogger(__name__)
 
 
+# The schemes a client may name its token with: the common "Bearer" and the reference client's "Api-Key".
+TOKEN_SCHEMES = ("bearer", "api-key")
+
+
+def token_matches(authorization: str, token: str) -> bool:
+    """Whether an Authorization header value carries `token` under one of TOKEN_SCHEMES. The scheme
+    is case-insensitive (as HTTP auth schemes are); the token is compared in constant time, so a
+    wrong guess learns nothing from how long the refusal took."""
+    scheme, _, given = authorization.strip().partition(" ")
+    matches = hmac.compare_digest(given.strip().encode(), token.encode())
+    return scheme.lower() in TOKEN_SCHEMES and matches
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0 picks a free port
     token: str | None = None
     max_message_bytes: int = 64 << 20
+    max_sessions: int = 4  # concurrent connections, each with its own episode and KV cache
 
 
 class PolicyServer:
-    """Serves `runtime` over websockets; see the module docstring for the protocol and error policy."""
+    """Serves sessions of `runtime` over websockets (each connection runs its episode on
+    `runtime.new_session()`); see the module docstring for the protocol, sessions and error policy."""
 
     def __init__(self, runtime: InferenceRuntime, options: ServerOptions) -> None:
+        if options.max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {options.max_sessions}")
         self.runtime = runtime
         self.options = options
+        self.sessions: dict[int, InferenceRuntime] = {}  # by session id, one per open connection
+        self._session_ids = itertools.count(1)
         self._lock = asyncio.Lock()
 
     async def serve(self, on_ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None) -> None:
@@ -76,19 +105,39 @@ class PolicyServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
             return connection.respond(HTTPStatus.OK, "OK\n")
-        if self.options.token is not None:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.options.token}".encode()):
-                return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
+        if self.options.token is not None and not token_matches(request.headers.get("Authorization", ""),
+                                                                 self.options.token):
+            return connection.respond(HTTPStatus.UNAUTHORIZED,
+                                      "missing or wrong token (Authorization: Bearer or Api-Key <token>)\n")
+        if self._full():
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, self._full_message() + "\n")
         return None
 
+    def _full(self) -> bool:
+        return len(self.sessions) >= self.options.max_sessions
+
+    def _full_message(self) -> str:
+        return (f"the server already serves its maximum of {self.options.max_sessions} sessions "
+                "(--max-sessions); retry when one disconnects")
+
     async def _session(self, connection: ServerConnection) -> None:
+        if self._full():  # another handshake got past _process_request first
+            await connection.close(CloseCode.TRY_AGAIN_LATER, self._full_message())
+            return
+        session_id = next(self._session_ids)
+        runtime = self.sessions[session_id] = self.runtime.new_session()
+        try:
+            await self._serve_session(connection, runtime)
+        finally:
+            del self.sessions[session_id]
+
+    async def _serve_session(self, connection: ServerConnection, runtime: InferenceRuntime) -> None:
         try:
             await connection.send(packb({}))
             previous_total_ms: float | None = None
             async for message in connection:
                 started = time.perf_counter()
-                answer = await self._answer(connection, message)
+                answer = await self._answer(connection, runtime, message)
                 if answer is None:
                     continue
                 response, infer_ms = answer
@@ -101,15 +150,16 @@ class PolicyServer:
         except ConnectionClosed:
             return
 
-    async def _answer(self, connection: ServerConnection, message: str | bytes) -> tuple[dict, float] | None:
+    async def _answer(self, connection: ServerConnection, runtime: InferenceRuntime, message: str | bytes
+                      ) -> tuple[dict, float] | None:
         """(response map, milliseconds the runtime took), or None after an error frame."""
         try:
             if isinstance(message, str):
                 raise ProtocolError("requests are binary msgpack frames, not text")
-            request = parse_request(unpackb(message), self.runtime.cameras.layout.keys)
+            request = parse_request(unpackb(message), runtime.cameras.layout.keys)
             async with self._lock:
                 started = time.perf_counter()
-                response = await asyncio.to_thread(self._handle, request)
+                response = await asyncio.to_thread(_handle, runtime, request)
                 return response, (time.perf_counter() - started) * 1000.0
         except (ProtocolError, EpisodeError) as error:
             await connection.send(f"error: {error}")
@@ -120,21 +170,22 @@ class PolicyServer:
             await connection.close(CloseCode.INTERNAL_ERROR, "internal error")
             return None
 
-    def _handle(self, request: Reset | Infer | Feedback) -> dict[str, Any]:
-        if isinstance(request, Reset):
-            self.runtime.reset(request.prompt)
-            return {}
-        if isinstance(request, Infer):
-            return {"action": self.runtime.infer(request.observation)}
-        self.runtime.feedback(request.keyframes, request.executed)
+
+def _handle(runtime: InferenceRuntime, request: Reset | Infer | Feedback) -> dict[str, Any]:
+    if isinstance(request, Reset):
+        runtime.reset(request.prompt)
         return {}
+    if isinstance(request, Infer):
+        return {"action": runtime.infer(request.observation)}
+    runtime.feedback(request.keyframes, request.executed)
+    return {}
 
 
 class BackgroundServer:
     """A PolicyServer on its own thread and event loop (tests, benchmarks, embedding in a process)."""
 
     def __init__(self, runtime: InferenceRuntime, options: ServerOptions) -> None:
-        self._server = PolicyServer(runtime, options)
+        self.server = PolicyServer(runtime, options)
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -162,7 +213,7 @@ class BackgroundServer:
                 self.port = port
                 self._ready.set()
 
-            await self._server.serve(ready, self._stop)
+            await self.server.serve(ready, self._stop)
 
         try:
             asyncio.run(main())

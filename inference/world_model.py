@@ -53,7 +53,10 @@ class WorldModelSampler:
     canvas (h, w); actions_per_frame: N; action_mask [30] bool: the slots the embodiment fills."""
 
     def __init__(self, model: LingBotVA, settings: InferenceSettings, *, latent_size: tuple[int, int],
-                 actions_per_frame: int, action_mask: torch.Tensor) -> None:
+                 actions_per_frame: int, action_mask: torch.Tensor, shortcuts: bool = True) -> None:
+        """shortcuts: the savings that leave the numbers as they are (the prompt's work once per
+        episode, the prompt row alone in an unguided action loop); False runs every forward in full,
+        the baseline the equality tests and bench/inference_latency.py compare with."""
         settings.validate()
         config = model.config
         _, ph, pw = config.patch_size
@@ -73,6 +76,7 @@ class WorldModelSampler:
             batch=2 if settings.use_cfg else 1, num_heads=config.num_heads, head_dim=config.head_dim,
             dtype=next(model.parameters()).dtype, device=self.device,
         )
+        self.shortcuts = shortcuts
         self._action_mask = action_mask.to(self.device)
         self._cached: CachedModel | None = None
         self._generator = torch.Generator()
@@ -89,7 +93,7 @@ class WorldModelSampler:
             raise ValueError(f"text has {text.shape[0]} rows, the settings need {rows} "
                              "(prompt, and the negative prompt under classifier-free guidance)")
         self.cache.clear()
-        self._cached = CachedModel(self.model, self.cache, text.to(self.device))
+        self._cached = CachedModel(self.model, self.cache, text.to(self.device), reuse_prompt=self.shortcuts)
         self._generator.manual_seed(self.settings.seed)
         self._pending = []
         self._first_latent = None
@@ -147,9 +151,11 @@ class WorldModelSampler:
         sigmas = denoising_sigmas(s.action_steps, s.action_shift).tolist()
         x = torch.randn(self.action_tokens_per_chunk, self.model.config.action_dim, generator=self._generator)
         x = self._clean_actions(x.to(self.device), chunk)
+        # Unguided, the loop reads the prompt row only (guided() takes row 0), so the negative one is skipped.
+        rows = 1 if self.shortcuts and s.action_guidance == 1.0 else None
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
             group = self._action_group(chunk, x, sigma, NOISY, WriteMode.TRANSIENT)
-            x = euler_step(x, guided(self._forward(group), s.action_guidance), sigma, sigma_next)
+            x = euler_step(x, guided(self._forward(group, rows=rows), s.action_guidance), sigma, sigma_next)
             x = self._clean_actions(x, chunk)
         self._pending.append(self._action_group(chunk, x, 0.0, CLEAN, WriteMode.PREDICTED))
         return x
@@ -179,13 +185,17 @@ class WorldModelSampler:
         self._pending.append(self._video_group(chunk, x, sigmas[-1], CLEAN, WriteMode.PREDICTED))
         return x
 
-    def _forward(self, group: TokenGroup, context: Sequence[TokenGroup] = ()) -> torch.Tensor:
+    def _forward(self, group: TokenGroup, context: Sequence[TokenGroup] = (), rows: int | None = None
+                 ) -> torch.Tensor:
         """One model forward of `group` (plus `context`), carrying the pending writes along;
-        -> the prediction for `group` [B, L, D]."""
+        -> the prediction for `group` [B, L, D]. rows: the CFG rows wanted (default all); a forward
+        carrying pending writes runs every row, since every row of the cache must hold them."""
         if self._cached is None:
             raise RuntimeError("no episode: call start() first")
+        if self._pending:
+            rows = None
         groups, self._pending = self._pending + list(context) + [group], []
-        return self._cached.forward(groups)[-1]
+        return self._cached.forward(groups, rows)[-1]
 
     def _video_group(self, chunk: int, tokens: torch.Tensor, sigma: float, role: int, write: WriteMode) -> TokenGroup:
         k = self.settings.chunk_size

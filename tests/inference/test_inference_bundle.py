@@ -141,3 +141,15 @@ def test_export_of_a_run_on_one_prepared_source_needs_no_card(tmp_path):
     spec = load_bundle(out).spec
     assert spec.cameras.keys == ("observation.images.top",) and spec.action_channels == (2,)
     assert spec.actions_per_frame == 4 and spec.stats.q01[2] == -3.0 and spec.text_tokens == 8
+
+
+def test_the_bundle_records_the_guidance_scales_it_was_exported_with(tmp_path):
+    model = tiny_model()
+    checkpoint = training_run(tmp_path, model)
+    out = tmp_path / "bundle"
+    cli(["export", "inference", str(checkpoint), str(out), "--cameras", "top,wrist", "--height", "64",
+         "--width", "64", "--actions-per-frame", "8", "--video-guidance", "1", "--action-guidance", "2.5"])
+    defaults = json.loads((out / "bundle.json").read_text())["defaults"]
+    assert (defaults["video_guidance"], defaults["action_guidance"]) == (1.0, 2.5)
+    settings = load_bundle(out).runtime().settings
+    assert (settings.video_guidance, settings.action_guidance) == (1.0, 2.5)

@@ -157,3 +157,29 @@ def test_cached_tokens_of_a_later_chunk_id_stay_hidden_from_clean_queries():
     torch.testing.assert_close(holding_actions.forward([video])[0], empty.forward([video])[0])
     later_video = _group("video", 2, NOISY, TRANSIENT, seed=6)
     assert not torch.allclose(holding_actions.forward([later_video])[0], empty.forward([later_video])[0])
+
+
+def test_freed_slots_are_compacted_so_a_forward_reads_one_view():
+    kv = cache(10)
+    write(kv, (2, GT), (3, PRED), (2, GT))
+    kv.keys[0][:, :7] = torch.arange(7.0)[None, :, None, None]  # slot i holds i
+    kv.clear_predicted()  # the middle group goes: the ground truth after it moves down
+    assert kv.write_id[:4].tolist() == [0, 0, 2, 2] and bool((kv.write_id[4:] < 0).all())
+    assert kv.keys[0][0, :4, 0, 0].tolist() == [0.0, 1.0, 5.0, 6.0]
+    reservation = kv.reserve([3], [TRANSIENT], [0])
+    current = torch.full((1, 3, *kv.keys[0].shape[2:]), 9.0)
+    keys, _ = kv.read_with(0, reservation, current, current)
+    assert keys.data_ptr() == kv.keys[0].data_ptr()  # a view of the pool, not a copy
+    assert keys[0, :, 0, 0].tolist() == [0.0, 1.0, 5.0, 6.0, 9.0, 9.0, 9.0]
+    kv.commit(reservation)
+
+
+def test_a_forward_longer_than_the_free_scratch_grows_the_pool_and_keeps_the_stored_slots():
+    kv = cache(4)
+    write(kv, (4, GT))
+    kv.keys[0][:, :4] = 1.0
+    reservation = kv.reserve([6], [TRANSIENT], [0])
+    current = torch.full((kv.keys[0].shape[0], 6, *kv.keys[0].shape[2:]), 2.0)
+    keys, values = kv.read_with(0, reservation, current, current)
+    assert keys.shape[1] == 10 and bool((keys[:, :4] == 1.0).all()) and bool((keys[:, 4:] == 2.0).all())
+    kv.commit(reservation)

@@ -29,10 +29,17 @@ def test_steady_throughput_counts_chunk_starts_and_leaves_out_the_last_chunk():
 def test_a_tiny_model_runs_both_robot_times_and_async_control_overlaps_prediction():
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "tiny-mot", "--image-size", "32", "--chunks", "6", "--repeats", "1",
-         "--video-steps", "2", "--action-steps", "2", "--threads", "1", "--attention-window", "4"],
+         "--video-steps", "2", "--action-steps", "2", "--threads", "1", "--attention-window", "4",
+         "--text-tokens", "64", "--sessions", "2"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    rows = {row["robot_time"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])}
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    chunk, sessions = figures["chunk"], figures["sessions"]
+    assert chunk["text_tokens"] == 64 and chunk["full_ms"] > 0 and chunk["shortcuts_ms"] > 0
+    assert sessions["sessions"] == 2 and sessions["one_actions_per_s"] > 0
+    # Two robots as slow as the policy leave it no idle time: together they must beat one alone.
+    assert sessions["ratio"] > 1.2
+    rows = {row["robot_time"]: row for row in figures["async"]}
     assert set(rows) == {"1 x P_sync", "P_async"}
     at_sync, balanced = rows["1 x P_sync"], rows["P_async"]
     assert at_sync["exec_ms"] == pytest.approx(at_sync["p_sync_ms"])

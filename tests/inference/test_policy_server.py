@@ -163,12 +163,21 @@ def test_a_text_frame_gets_an_error(server):
         assert connection.recv().startswith("error: ")
 
 
-def test_without_the_bearer_token_the_handshake_is_refused(guarded):
-    for token in (None, "wrong"):
+@pytest.mark.parametrize("scheme", ["Bearer", "Api-Key"])
+def test_without_the_token_the_handshake_is_refused(guarded, scheme):
+    for token in (None, "wrong", TOKEN + "x", TOKEN[:-1]):
         with pytest.raises(InvalidStatus) as refused:
-            PolicyClient(url(guarded), token=token)
+            PolicyClient(url(guarded), token=token, token_scheme=scheme)
         assert refused.value.response.status_code == 401
-    with PolicyClient(url(guarded), token=TOKEN) as client:
+    with pytest.raises(InvalidStatus) as refused:
+        PolicyClient(url(guarded), token=TOKEN, token_scheme="Basic")
+    assert refused.value.response.status_code == 401
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "Api-Key", "api-key"])
+def test_both_token_forms_are_accepted(guarded, scheme):
+    """The reference client sends 'Authorization: Api-Key <key>'; other clients send Bearer."""
+    with PolicyClient(url(guarded), token=TOKEN, token_scheme=scheme) as client:
         assert "server_timing" in client.reset(PROMPT)
 
 
@@ -188,6 +197,7 @@ def test_a_server_failure_closes_the_connection_and_the_server_keeps_serving(bun
         raise RuntimeError("the GPU fell off")
 
     runtime.infer = broken
+    runtime.new_session = lambda: runtime  # every session gets the broken runtime
     with BackgroundServer(runtime, ServerOptions(port=0)) as running:
         with PolicyClient(url(running)) as client:
             client.reset(PROMPT)
@@ -198,3 +208,16 @@ def test_a_server_failure_closes_the_connection_and_the_server_keeps_serving(bun
             assert closed.value.rcvd.code == 1011
         with PolicyClient(url(running)) as client:
             assert "server_timing" in client.reset(PROMPT)
+
+
+@pytest.mark.parametrize("host, token, warned", [
+    ("127.0.0.1", None, False), ("::1", None, False), ("localhost", None, False),
+    ("0.0.0.0", None, True), ("10.1.2.3", None, True), ("robots.lab", None, True), ("0.0.0.0", "secret", False),
+])
+def test_serving_beyond_this_machine_without_a_token_is_warned_about(host, token, warned):
+    from lbva.inference.cli import exposure_warning
+
+    warning = exposure_warning(host, token)
+    assert (warning is not None) == warned
+    if warned:
+        assert host in warning and "--token-file" in warning

@@ -1,0 +1,143 @@
+"""The savings of issue #14 item 3 leave the numbers as they were: the prompt's work once per episode
+and the prompt row alone in an unguided action loop give the actions (and cache) of full forwards."""
+
+import numpy as np
+import pytest
+import torch
+
+from inference_fixtures import PROMPT, keyframes, observation, runtime, tiny_model
+from lbva.inference.cached_forward import CachedModel, EpisodeText, TokenGroup
+from lbva.inference.kv_cache import KVCache, WriteMode
+from lbva.models.masks import NOISY
+
+ATOL = 1e-6
+
+
+def _episode(policy, shortcuts: bool, asynchronous: bool, chunks: int = 4) -> list[np.ndarray]:
+    """Actions of one episode (sync or async control) with the shortcuts on or off. The robot
+    reports fixed executed actions, so both runs get the same inputs (rounding differences of the
+    served actions would otherwise come back as input)."""
+    policy.sampler.shortcuts = shortcuts
+    rng = np.random.default_rng(3)
+    policy.reset(PROMPT)
+    first = observation(rng)
+    executing = policy.infer(first)
+    out = [executing]
+    following = policy.infer() if asynchronous else None
+    if asynchronous:
+        out.append(following)
+    for chunk in range(chunks):
+        policy.feedback(keyframes(rng, chunk), rng.normal(size=executing.shape))
+        predicted = policy.infer()
+        out.append(predicted)
+        executing, following = (following, predicted) if asynchronous else (predicted, None)
+    return out
+
+
+def _stored_keys(cache: KVCache) -> list[torch.Tensor]:
+    """Per depth the K of the stored slots (compacted at the front; the scratch after them is not state)."""
+    stored = int((cache.write_id >= 0).sum())
+    return [keys[:, :stored].clone() for keys in cache.keys]
+
+
+@pytest.mark.parametrize("preset", ["tiny-mot", "tiny-shared"])
+def test_shortcuts_give_the_actions_of_full_forwards(preset):
+    policy = runtime(tiny_model(preset), video_guidance=5.0, action_guidance=1.0, attention_window=4)
+    full = _episode(policy, shortcuts=False, asynchronous=False)
+    full_cache = _stored_keys(policy.cache)
+    fast = _episode(policy, shortcuts=True, asynchronous=False)
+    assert np.abs(full[-1]).max() > 0.1
+    for expected, served in zip(full, fast, strict=True):
+        np.testing.assert_allclose(served, expected, rtol=0, atol=ATOL)
+    for expected, stored in zip(full_cache, _stored_keys(policy.cache), strict=True):
+        torch.testing.assert_close(stored, expected, rtol=0, atol=ATOL)
+
+
+def test_the_prompt_work_once_per_episode_is_exact_in_asynchronous_control():
+    """Reusing the episode's text K/V changes no bit, also through forward-dynamics re-imagination."""
+    policy = runtime(tiny_model(), video_guidance=5.0, action_guidance=2.0, attention_window=4)
+    full = _episode(policy, shortcuts=False, asynchronous=True)
+    fast = _episode(policy, shortcuts=True, asynchronous=True)
+    for expected, served in zip(full, fast, strict=True):
+        np.testing.assert_array_equal(served, expected)
+
+
+def test_asynchronous_control_with_the_prompt_row_alone_stays_within_rounding():
+    """The prompt-row-only action forward differs from row 0 of the two-row one by float rounding
+    (a GEMM of half the rows, ~2e-7). Asynchronous control caches its own predicted actions and
+    re-imagines video from them under video guidance 5, which amplifies that rounding over chunks
+    (~1e-5 after 4 chunks); the per-forward equality is the test below."""
+    policy = runtime(tiny_model(), video_guidance=5.0, action_guidance=1.0, attention_window=4)
+    full = _episode(policy, shortcuts=False, asynchronous=True)
+    fast = _episode(policy, shortcuts=True, asynchronous=True)
+    for expected, served in zip(full, fast, strict=True):
+        np.testing.assert_allclose(served, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["tiny-mot", "tiny-shared"])
+def test_a_forward_over_the_prompt_row_alone_equals_row_0_of_both_rows(preset):
+    policy = runtime(tiny_model(preset), video_guidance=5.0, action_guidance=1.0)
+    _episode(policy, shortcuts=True, asynchronous=False, chunks=2)  # a cache holding history
+    sampler = policy.sampler
+    noisy = sampler._action_group(3, torch.randn(sampler.action_tokens_per_chunk, 30), 0.7, NOISY,
+                                  WriteMode.TRANSIENT)
+    both = sampler._cached.forward([noisy])[0]
+    alone = sampler._cached.forward([noisy], rows=1)[0]
+    assert alone.shape[0] == 1 and both.shape[0] == 2
+    torch.testing.assert_close(alone[0], both[0], rtol=ATOL, atol=ATOL)
+
+
+def test_guided_actions_keep_both_rows():
+    """With action guidance > 1 the negative row is needed: the shortcuts only reuse the prompt's work."""
+    policy = runtime(tiny_model(), video_guidance=3.0, action_guidance=2.0)
+    full = _episode(policy, shortcuts=False, asynchronous=False, chunks=2)
+    fast = _episode(policy, shortcuts=True, asynchronous=False, chunks=2)
+    for expected, served in zip(full, fast, strict=True):
+        np.testing.assert_allclose(served, expected, rtol=0, atol=ATOL)
+
+
+def test_the_episode_text_holds_one_key_value_pair_per_depth_and_row():
+    model = tiny_model()
+    config = model.config
+    text = EpisodeText.of(model, torch.randn(2, 8, config.text_dim))
+    assert len(text.keys) == len(text.values) == config.num_layers and text.rows == 2
+    assert text.keys[0].shape == (2, 8, config.num_heads, config.head_dim)
+    assert not torch.equal(text.keys[0], text.keys[1])  # each depth projects with its own weights
+
+
+def test_a_forward_over_the_prompt_row_alone_cannot_store():
+    model = tiny_model()
+    config = model.config
+    cache = KVCache(config.num_layers, 64, batch=2, num_heads=config.num_heads, head_dim=config.head_dim)
+    cached = CachedModel(model, cache, torch.randn(2, 8, config.text_dim))
+    group = TokenGroup("action", 1, NOISY, torch.zeros(8, 30), torch.zeros(8), torch.zeros(8, 3),
+                       WriteMode.PREDICTED)
+    with pytest.raises(ValueError, match="cannot store"):
+        cached.forward([group], rows=1)
+
+
+@pytest.mark.parametrize("damage", ["mixed sizes", "missing camera"])
+def test_refused_feedback_leaves_the_chunk_in_flight(damage):
+    """Feedback that cannot be encoded is refused before it touches the episode: the same feedback,
+    corrected, then grounds the chunk exactly as it would have without the refusal."""
+    from lbva.inference.runtime import EpisodeError
+
+    outcomes = []
+    for refuse_first in (False, True):
+        policy = runtime(tiny_model(), video_guidance=1.0, action_guidance=1.0)
+        rng = np.random.default_rng(5)
+        policy.reset(PROMPT)
+        executing = policy.infer(observation(rng))
+        frames, executed = keyframes(rng, 0), rng.normal(size=executing.shape)
+        if refuse_first:
+            bad = [dict(frame) for frame in frames]
+            key = next(iter(bad[1]))
+            if damage == "mixed sizes":
+                bad[1][key] = bad[1][key][:-2]
+            else:
+                del bad[1][key]
+            with pytest.raises(EpisodeError, match="feedback for chunk 0: "):
+                policy.feedback(bad, executed)
+        policy.feedback(frames, executed)
+        outcomes.append(policy.infer())
+    np.testing.assert_array_equal(outcomes[0], outcomes[1])
