@@ -25,8 +25,10 @@ from lbva.errors import UserError
 from lbva.models.action_space import ACTION_DIM
 from lbva.models.config import PRESETS, get_preset
 from lbva.models.mot import LingBotVA
+from lbva.parallelism.activation_checkpoint import apply_activation_checkpointing
 from lbva.parallelism.flops import SequenceMix, training_flops_per_token
 from lbva.parallelism.fp8 import apply_fp8
+from lbva.parallelism.parallelize import apply_compile
 from lbva.parallelism.plan import GPU_TYPES
 from lbva.parallelism.step_layout import plain_layout
 from lbva.training.config import TrainConfig
@@ -51,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
     parser.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
                         help="fp8: torchao float8 for the video block linears (CUDA only)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action="store_true", help="compile each depth as training does (parallelize.py)")
+    parser.add_argument("--checkpointing", choices=["none", "full"], default="none",
+                        help="full: recompute every depth in backward (activation_checkpoint.py)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--token-budget", type=int, default=None)
@@ -136,7 +140,9 @@ def run(args: argparse.Namespace) -> dict:
     model = LingBotVA(config).to(device)
     fp8 = apply_fp8(model, "torchao") if args.precision == "fp8" else None
     if args.compile:
-        model = torch.compile(model)
+        apply_compile(model.depths())
+    if args.checkpointing == "full":
+        apply_activation_checkpointing(model.depths(), "full", 1)
     train_config = TrainConfig()
     train_config.model.attention = "auto"  # compiled flex on CUDA, SDPA with the dense mask on CPU
     seq = synthetic_sequence(mix, config.in_channels, config.text_dim)
@@ -145,13 +151,15 @@ def run(args: argparse.Namespace) -> dict:
     layout = plain_layout(train_config.model.attention)
 
     seconds: list[float] = []
+    losses: list[float] = []
     for step in range(1, args.warmup + args.steps + 1):
         if step == args.warmup + 1 and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         started = time.perf_counter()
         sequences = draw_sequences(objective, [seq], train_config.run.seed, step, dp_rank=0, dp_size=1)
-        train_step(model, objective, layout, sequences, [1.0], train_config, device)
+        terms, _ = train_step(model, objective, layout, sequences, [1.0], train_config, device)
+        losses.append(float(terms.total))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if fp8 is not None:
@@ -172,12 +180,14 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": args.precision if device.type == "cuda" else "fp32",
         "compile": args.compile,
+        "checkpointing": args.checkpointing,
         "attention": "flex" if device.type == "cuda" else "sdpa",
         "tokens_per_step": seq.real_tokens,
         "sequence_length": int(seq.video_x0.shape[0] + seq.action_x0.shape[0]),
         "parameters": sum(p.numel() for p in model.parameters()),
         "warmup_steps": args.warmup,
         "step_seconds": seconds,
+        "losses": losses,
         "median_step_s": median,
         "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_per_token,

@@ -29,8 +29,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from rich.console import Console
 from rich.text import Text
 
@@ -220,6 +218,10 @@ def write_loss_curve(metrics_path: Path, png_path: Path, title: str) -> None:
             curves.setdefault(key, {})[record["step"]] = record[key]
     if not curves:
         return
+
+    # Imported here: the training step must import without matplotlib (the GPU image may lack it).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     # Figure + the Agg canvas directly: no pyplot, so no global backend switch or figure registry.
     figure = Figure(figsize=(8, 5), dpi=100, layout="constrained")
