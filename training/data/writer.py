@@ -7,13 +7,14 @@ The card is updated under a file lock, since the array tasks of several sources 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import sys
 import tarfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
 
@@ -48,12 +49,24 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
+def out_of_space(error: OSError, path: Path) -> UserError | None:
+    """The one line for a full disk or quota while writing `path`, or None for any other OSError."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return UserError(f"{path}: no space left on its file system ({os.strerror(error.errno)}); nothing partial "
+                     "was kept; free space or prepare elsewhere, then rerun: finished shards are kept")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a half-written one."""
+    """Readers see the old file or the new one, never a half-written one (also on a full disk)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise out_of_space(error, path) or error
 
 
 def _versions() -> dict[str, str]:
@@ -164,9 +177,12 @@ def committed_shard(directory: Path, task: int, number: int) -> Iterator[wds.Sha
                              maxsize=float("inf"), post=_commit, start_shard=number, verbose=0)
     try:
         yield writer
-    except BaseException:
-        writer.post = None
         writer.close()
+    except BaseException as error:
+        writer.post = None
+        with suppress(OSError):  # closing a shard on a full disk fails again
+            writer.close()
         Path(writer.fname).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise out_of_space(error, Path(writer.fname.removesuffix(".tmp"))) or error
         raise
-    writer.close()
