@@ -263,7 +263,7 @@ class TrainConfig:
 # The embedded demo: the procedural pushing world and the demo-mot preset, sized for 2 CPU cores.
 # `lbva demo` layers these over the defaults above; configs/demo.toml spells out the same values.
 DEMO_BASE: dict = {
-    "run": {"name": "demo", "steps": 400, "log_every": 10},
+    "run": {"name": "demo", "steps": 300, "log_every": 10},
     "model": {"preset": "demo-mot"},
     "data": {
         # Windows of 16 latent frames hold a whole demo episode (13): training then sees the history
@@ -273,7 +273,7 @@ DEMO_BASE: dict = {
         # 5 of the 48 episodes held out: the validation loss and `lbva eval` at the end score them.
         "validation_fraction": 0.1, "validation_sequences": 4,
     },
-    # A 4.3M-parameter model learning from nothing in 400 steps (docs/benchmarks.md, the world-model
+    # A 4.3M-parameter model learning from nothing in 300 steps (docs/benchmarks.md, the world-model
     # evaluation): every noise level weighted alike, so the near-pure-noise frames, which only the
     # history can tell, train too; a clean history, so it is worth reading; chunks of K = 4, the
     # chunk the demo's inference and eval use; an lr well above the 5B recipe's peak.
