@@ -210,3 +210,14 @@ class CacheFreeLoop:
 
 def denormalize(tokens: torch.Tensor) -> np.ndarray:
     return ActionCodec(CHANNELS, stats()).denormalize(tokens, CHUNK, STEPS_PER_FRAME)
+
+
+def tiny_bundle(folder):
+    """An inference bundle of the seed-0 tiny-mot model (what a test server serves) in `folder`."""
+    from lbva.checkpoints_tools.export import write_weights_checkpoint
+    from lbva.inference.bundle import export_inference_bundle
+
+    model = tiny_model()
+    checkpoint = write_weights_checkpoint(model, folder / "checkpoint", "tiny-mot", "test")
+    return export_inference_bundle(checkpoint, folder / "bundle", bundle_spec(model))
+

@@ -9,9 +9,8 @@ import pytest
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
-from inference_fixtures import CHUNK, PROMPT, STEPS_PER_FRAME, bundle_spec, keyframes, observation, tiny_model
-from lbva.checkpoints_tools.export import write_weights_checkpoint
-from lbva.inference.bundle import export_inference_bundle, load_bundle
+from inference_fixtures import CHUNK, PROMPT, STEPS_PER_FRAME, keyframes, observation, tiny_bundle
+from lbva.inference.bundle import load_bundle
 from lbva.inference.client import PolicyClient, ServerError
 from lbva.inference.protocol import packb, unpackb
 from lbva.inference.server import BackgroundServer, ServerOptions
@@ -21,10 +20,7 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("served")
-    model = tiny_model()
-    checkpoint = write_weights_checkpoint(model, folder / "checkpoint", "tiny-mot", "test")
-    return export_inference_bundle(checkpoint, folder / "bundle", bundle_spec(model))
+    return tiny_bundle(tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")
