@@ -1,4 +1,4 @@
-"""`lbva export post-training`, `lbva import`, `lbva ckpt inspect|verify`. The root `lbva` command
+"""`lbva export post-training|check`, `lbva import`, `lbva ckpt inspect|verify`. The root `lbva` command
 (launchers/cli.py) adds them: `register_export` into its `export` group (beside the inference
 package's `export inference`), `register` at the top level."""
 
@@ -41,14 +41,31 @@ def inspect_checkpoint(folder: Path) -> list[str]:
 
 
 def _cmd_export(args) -> None:
-    from .export import export_post_training
+    from .post_training import export_complete
 
+    components = {"vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
     try:
-        folder = export_post_training(args.checkpoint, args.out, args.attn_mode, int(args.max_shard_gb * (1 << 30)),
-                                      ema=args.ema)
+        manifest = export_complete(args.checkpoint, args.out, components, args.attn_mode,
+                                   int(args.max_shard_gb * (1 << 30)), ema=args.ema)
     except CheckpointError as error:
         raise UserError(str(error)) from error
-    print(f"exported {args.checkpoint}{' (EMA weights)' if args.ema else ''} to {folder}")
+    absent = [kind for kind, path in components.items() if path is None]
+    print(f"exported {args.checkpoint}{' (EMA weights)' if args.ema else ''} to {args.out} (manifest {manifest})"
+          + (f"; absent: {', '.join(absent)}" if absent else ""))
+
+
+def _cmd_check(args) -> None:
+    from .post_training import check_export
+
+    try:
+        rows = check_export(args.out, args.checkpoint)
+    except CheckpointError as error:
+        raise UserError(str(error)) from error
+    for name, passed, detail in rows:
+        print(f"  {name:<14} {'ok' if passed else 'FAIL':<5} {detail}")
+    failed = [name for name, passed, _ in rows if not passed]
+    if failed:
+        raise UserError(f"{args.out}: check failed ({', '.join(failed)})")
 
 
 def _cmd_import(args) -> None:
@@ -84,14 +101,21 @@ def _cmd_verify(args) -> None:
 
 
 def register_export(export_kinds: argparse._SubParsersAction) -> None:
-    """Add `post-training` to the `lbva export` group."""
+    """Add `post-training` and `check` to the `lbva export` group."""
     post = export_kinds.add_parser("post-training", help="diffusers-style folder for post-training")
     post.add_argument("checkpoint", type=Path)
     post.add_argument("out", type=Path)
     post.add_argument("--attn-mode", choices=["torch", "flashattn", "flex"], default="torch")
     post.add_argument("--max-shard-gb", type=float, default=5.0)
     post.add_argument("--ema", action="store_true", help="export the moving average of the weights (optim.ema_decay)")
+    for kind in ("vae", "text-encoder", "tokenizer"):
+        post.add_argument(f"--{kind}", type=Path, help=f"local {kind} folder copied into OUT/{kind.replace('-', '_')}")
     post.set_defaults(func=_cmd_export)
+
+    check = export_kinds.add_parser("check", help="verify a post-training folder against its checkpoint")
+    check.add_argument("out", type=Path)
+    check.add_argument("--checkpoint", type=Path, help="default: the checkpoint named in the manifest")
+    check.set_defaults(func=_cmd_check)
 
 
 def register(commands: argparse._SubParsersAction) -> None:

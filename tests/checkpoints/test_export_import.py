@@ -10,28 +10,14 @@ from lbva.checkpoints_tools.cli import inspect_checkpoint
 from lbva.checkpoints_tools.export import (
     export_post_training, import_checkpoint, load_lingbot_folder, load_model, write_weights_checkpoint,
 )
+from lbva.checkpoints_tools.post_training import probe_inputs
 from lbva.models.attention import AttentionKernels, sdpa_kernel
 from lbva.models.config import get_preset
-from lbva.models.mot import LingBotVA, ModelInputs
-from lbva.models.patching import action_positions, video_positions
+from lbva.models.mot import LingBotVA
 from lbva.models.weights import WeightImportError
 from lbva.errors import UserError
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def _inputs(config, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    frames, h, w, n = 2, 2, 3, 4
-    return ModelInputs(
-        video_tokens=torch.randn(1, frames * h * w, config.video_token_dim, generator=g),
-        video_timesteps=torch.rand(1, frames * h * w, generator=g) * 1000,
-        video_positions=video_positions(frames, h, w)[None],
-        action_tokens=torch.randn(1, frames * n, config.action_dim, generator=g),
-        action_timesteps=torch.rand(1, frames * n, generator=g) * 1000,
-        action_positions=action_positions(frames, n)[None],
-        text=torch.randn(1, 5, config.text_dim, generator=g),
-    )
 
 
 def _outputs(model, inputs):
@@ -47,7 +33,7 @@ def test_export_then_reload_gives_the_same_outputs_within_bf16(tmp_path, preset)
     folder = export_post_training(checkpoint, tmp_path / "export", max_shard_bytes=20_000)
     assert len(list(folder.glob("*.safetensors"))) > 1  # sharded, with an index
     reloaded = load_lingbot_folder(tmp_path / "export")
-    inputs = _inputs(model.config)
+    inputs = probe_inputs(model.config)
     for ours, theirs in zip(_outputs(model, inputs), _outputs(reloaded, inputs)):
         assert torch.allclose(ours, theirs, atol=0.05, rtol=0.02)
 
