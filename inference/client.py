@@ -52,6 +52,11 @@ class PolicyClient:
         return self.call({"obs": [dict(frame) for frame in keyframes], "compute_kv_cache": True, "imagine": False,
                           "save_visualization": False, "state": executed})
 
+    def imagine(self, observation: Mapping[str, Any], prompt: str, chunks: int) -> dict:
+        """The server-side i2va mode: a new episode from one observation, `chunks` chunks without
+        feedback -> {"latents": [z, chunks*K, h, w], "action": [chunks, C, K, N], "frames"?}."""
+        return self.call({"imagine": True, "obs": dict(observation), "prompt": prompt, "chunks": chunks})
+
     def close(self) -> None:
         self._context.close()
 

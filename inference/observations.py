@@ -133,6 +133,13 @@ class ObservationEncoder:
         other._streams = []
         return other
 
+    def decode(self, latents: torch.Tensor) -> np.ndarray | None:
+        """Latents of the tiled canvas [z, F, h, w] -> uint8 frames [F, H, W, 3] of the canvas (the
+        cameras side by side as tiled), or None where the video encoder cannot decode (the stand-in)."""
+        if not isinstance(self._video, WanVideoEncoder):
+            return None
+        return self._video.decode_frames(latents).numpy()
+
     def _stream(self) -> StreamingEncoder:
         if isinstance(self._video, WanVideoEncoder):
             return WanCausalStream(self._video)

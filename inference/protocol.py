@@ -11,6 +11,10 @@ Requests, as the reference RoboTwin/LIBERO clients send them:
                save_visualization?, video_guidance_scale?, action_guidance_scale?}
     feedback  {compute_kv_cache: True, obs: [obs dict, ...] (keyframes), state: actions [C, K, N],
                imagine?: False, save_visualization?}
+    imagine   {imagine: True, obs: {every camera key: H x W x 3 uint8}, prompt: str, chunks: int}
+              -> {latents: [z, chunks*K, h, w] float32, action: [chunks, C, K, N] float32
+                  (, frames: [chunks*K, H, W, 3] uint8 where the bundle's VAE decodes)}:
+              the reference's i2va mode (spec 4.1), a new episode run `chunks` chunks without feedback.
 The server uses its own guidance scales (as the reference does) and does not save visualisations;
 those fields are checked for type and otherwise ignored, as is any of these keys a request kind
 does not use. Any other top-level key is an error.
@@ -32,10 +36,11 @@ MAX_ARRAY_DIMS = 8
 MAX_IMAGE_SIDE = 4096
 MAX_KEYFRAMES = 1024
 MAX_PROMPT_CHARS = 4096
+MAX_IMAGINE_CHUNKS = 256
 
 # Every key the reference clients send, in any request; what a request kind does not use is ignored.
 KNOWN_KEYS = {"reset", "prompt", "obs", "state", "compute_kv_cache", "imagine", "save_visualization",
-              "video_guidance_scale", "action_guidance_scale"}
+              "video_guidance_scale", "action_guidance_scale", "chunks"}
 
 
 class ProtocolError(ValueError):
@@ -111,7 +116,14 @@ class Feedback:
     executed: np.ndarray  # [C, K, N] float64
 
 
-Request = Reset | Infer | Feedback
+@dataclass(frozen=True)
+class Imagine:
+    observation: dict[str, np.ndarray]  # every camera: the first frame
+    prompt: str
+    chunks: int
+
+
+Request = Reset | Infer | Feedback | Imagine
 
 
 def parse_request(message: Any, camera_keys: Sequence[str]) -> Request:
@@ -137,6 +149,8 @@ def parse_request(message: Any, camera_keys: Sequence[str]) -> Request:
         return Reset(prompt)
     if "prompt" in message and not isinstance(message["prompt"], str):
         raise ProtocolError("prompt must be a string")
+    if _flag(message, "imagine") and not feedback:
+        return _imagine(message, camera_keys)
     if feedback:
         if _flag(message, "imagine"):
             raise ProtocolError("imagine=True is not supported: feedback needs the observed keyframes")
@@ -154,6 +168,18 @@ def parse_request(message: Any, camera_keys: Sequence[str]) -> Request:
         raise ProtocolError("infer needs 'obs', the observation map")
     # Only the first infer of an episode uses the images (as in the reference), so they may be left out.
     return Infer(_observation(message["obs"], camera_keys, None, require_cameras=False))
+
+
+def _imagine(message: dict, camera_keys: Sequence[str]) -> Imagine:
+    """An i2va request: a new episode from one observation (every camera) and a prompt."""
+    prompt, chunks = message.get("prompt"), message.get("chunks")
+    if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+        raise ProtocolError(f"imagine needs 'prompt', a string of at most {MAX_PROMPT_CHARS} characters")
+    if not isinstance(chunks, (int, np.integer)) or isinstance(chunks, bool) or not 1 <= chunks <= MAX_IMAGINE_CHUNKS:
+        raise ProtocolError(f"imagine needs 'chunks', an integer in 1..{MAX_IMAGINE_CHUNKS}")
+    if "obs" not in message:
+        raise ProtocolError("imagine needs 'obs', the first observation map")
+    return Imagine(_observation(message["obs"], camera_keys, None, require_cameras=True), prompt, int(chunks))
 
 
 def _flag(message: dict, key: str) -> bool:

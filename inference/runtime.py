@@ -11,6 +11,9 @@ its action group f leads from latent frame f-1 into f (spec 2.1). Per chunk:
   feedback  the chunk the robot finished: drop every predicted slot, cache its observed latents and
             its executed actions as ground truth at t = 0.
 
+  imagine   image-to-video-action (the reference's i2va): reset, then n infers with no feedback, so
+            every chunk builds on the predictions before it; -> the latents and actions of all n.
+
 Synchronous clients (the reference RoboTwin/LIBERO ones) alternate infer and feedback. An
 asynchronous client asks for chunk c+1 while the robot executes chunk c, so when the observation of
 chunk c-1 arrives, chunk c is still in flight. Feedback then grounds the in-flight chunk with forward
@@ -97,6 +100,29 @@ class InferenceRuntime:
 
         The first call of an episode needs `observation` with every camera image (H x W x 3 uint8);
         later calls ignore it, as the reference server does."""
+        return self._predict_chunk(observation)[1]
+
+    def imagine(self, observation: Mapping[str, np.ndarray], prompt: str, chunks: int
+                ) -> tuple[torch.Tensor, np.ndarray]:
+        """Image-to-video-action (the reference's i2va): a new episode from one observation and a prompt,
+        then `chunks` infers with no feedback, each on top of the predictions before it (nothing is
+        replaced by ground truth). -> (video latents [z, chunks*K, h, w], robot actions
+        [chunks, C, K, N]); chunk 0 is what `infer` returns after the same reset. The episode stays
+        open with every chunk in flight; the next reset discards it."""
+        if chunks < 1:
+            raise EpisodeError(f"imagine needs at least one chunk, got {chunks}")
+        self.reset(prompt)
+        predicted = [self._predict_chunk(observation) for _ in range(chunks)]
+        latents = torch.cat([video for video, _ in predicted], dim=1)
+        return latents, np.stack([actions for _, actions in predicted])
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray | None:
+        """Imagined latents [z, F, h, w] -> frames [F, H, W, 3] uint8 of the tiled canvas, or None
+        where the bundle's video codec cannot decode (the stand-in encoder)."""
+        return self.cameras.decode(latents)
+
+    def _predict_chunk(self, observation: Mapping[str, np.ndarray] | None) -> tuple[torch.Tensor, np.ndarray]:
+        """The next chunk: (its latents [z, K, h, w] on the CPU, its robot actions [C, K, N]); see infer."""
         if not self.sampler.started:
             raise EpisodeError("no episode: send a reset with a prompt first")
         if self._next_chunk == 0:
@@ -105,11 +131,11 @@ class InferenceRuntime:
                 raise EpisodeError(f"the first infer of an episode needs every camera image; missing {missing}")
             self.sampler.set_first_frame(self.cameras.start(observation))
         chunk = self._next_chunk
-        self.sampler.predict_video(chunk)
+        video = self.sampler.predict_video(chunk)
         actions = self.sampler.predict_actions(chunk)
         self._in_flight.append(_InFlight(chunk, actions))
         self._next_chunk += 1
-        return self.codec.denormalize(actions, self.settings.chunk_size, self.actions_per_frame)
+        return video.cpu(), self.codec.denormalize(actions, self.settings.chunk_size, self.actions_per_frame)
 
     def _check_keyframes(self, keyframes: Sequence[Mapping[str, np.ndarray]], chunk: int) -> None:
         """Every keyframe holds every camera as an [H, W, 3] image, one size per camera."""

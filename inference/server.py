@@ -48,7 +48,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from .protocol import Feedback, Infer, ProtocolError, Reset, packb, parse_request, unpackb
+from .protocol import Feedback, Imagine, Infer, ProtocolError, Reset, packb, parse_request, unpackb
 from .runtime import EpisodeError, InferenceRuntime
 from .settings import DEFAULT_PORT
 
@@ -171,7 +171,12 @@ class PolicyServer:
             return None
 
 
-def _handle(runtime: InferenceRuntime, request: Reset | Infer | Feedback) -> dict[str, Any]:
+def _handle(runtime: InferenceRuntime, request: Reset | Infer | Feedback | Imagine) -> dict[str, Any]:
+    if isinstance(request, Imagine):
+        latents, actions = runtime.imagine(request.observation, request.prompt, request.chunks)
+        frames = runtime.decode(latents)
+        reply = {"latents": latents.float().numpy(), "action": actions}
+        return reply if frames is None else {**reply, "frames": frames}
     if isinstance(request, Reset):
         runtime.reset(request.prompt)
         return {}

@@ -2,7 +2,8 @@
 implementations.
 
     VideoEncoder.encode(pixels [B, 3, T, H, W] in [-1, 1]) -> latents [B, z_dim, 1 + (T-1)/4, H/16, W/16]
-    TextEncoder.encode([text, ...]) -> [[L_i, text_dim], ...], the true length of each text only
+    TextEncoder.encode([text, ...]) -> [[L_i, text_dim], ...], the true length of each text only,
+    each text first cleaned by `prompt_clean` (Wan's: ftfy, HTML unescape, whitespace collapse)
 
 "real": the Wan2.2 VAE (diffusers AutoencoderKLWan; latents are the normalised posterior mean
 (mu - latents_mean) / latents_std of spec 2.1) and umT5 (transformers UMT5EncoderModel; 512-token
@@ -15,7 +16,9 @@ encoder from it, and `describe()` gives the card entry (paths and configs) witho
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,25 @@ from lbva.models.standin_encoders import StandInTextEncoder, StandInVideoEncoder
 ENCODER_KINDS = ("real", "standin")
 TEXT_MAX_LENGTH = 512  # umT5 prompts are padded to 512 tokens (spec 6.2: text_emb [512, 4096])
 TEXT_BATCH = 8  # texts per umT5 call: a 512 x 4096 activation per text bounds the batch
+
+
+def prompt_clean(text: str) -> str:
+    """Wan's prompt cleaning, applied before every tokenization (data preparation and inference) so that
+    the same words give the same tokens however they were typed: fix mojibake (ftfy, when installed),
+    undo up to two levels of HTML escaping ("&amp;amp;" -> "&"), and collapse runs of whitespace."""
+    return re.sub(r"\s+", " ", _basic_clean(text)).strip()
+
+
+def _basic_clean(text: str) -> str:
+    """ftfy.fix_text when ftfy is importable (the reference's dependency; without it mojibake is left as
+    is, the only difference), then a double HTML unescape, then strip."""
+    try:
+        import ftfy
+    except ImportError:
+        pass
+    else:
+        text = ftfy.fix_text(text)
+    return html.unescape(html.unescape(text)).strip()
 
 
 class VideoEncoder(Protocol):
@@ -90,7 +112,8 @@ class UMT5TextEncoder:
     def encode(self, texts: Sequence[str]) -> list[torch.Tensor]:
         out = []
         for first in range(0, len(texts), TEXT_BATCH):
-            batch = self.tokenizer(list(texts[first:first + TEXT_BATCH]), max_length=TEXT_MAX_LENGTH,
+            cleaned = [prompt_clean(text) for text in texts[first:first + TEXT_BATCH]]
+            batch = self.tokenizer(cleaned, max_length=TEXT_MAX_LENGTH,
                                    padding="max_length", truncation=True, add_special_tokens=True,
                                    return_attention_mask=True, return_tensors="pt")
             mask = batch.attention_mask.to(self.device)
@@ -122,7 +145,8 @@ class StandInText:
         self.text_dim = text_dim
 
     def encode(self, texts: Sequence[str]) -> list[torch.Tensor]:
-        return [self._encoder.encode(text)[: len(self._encoder.token_ids(text))] for text in texts]
+        cleaned = [prompt_clean(text) for text in texts]
+        return [self._encoder.encode(text)[: len(self._encoder.token_ids(text))] for text in cleaned]
 
 
 def _read_config(path: Path, what: str) -> dict:

@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from lbva.errors import UserError
 from lbva.quiet import configure_output
 from lbva.models.action_space import ACTION_DIM, ActionStats
-from lbva.models.encoders import EncoderChoice, default_device
+from lbva.models.encoders import EncoderChoice, default_device, prompt_clean
 from lbva.models.tiling import PIXEL_MULTIPLE, make_tiling
 from lbva.training.data.action_slots import channels_from_map
 from lbva.training.data.alignment import frame_stride
@@ -412,7 +412,7 @@ def _unknown_words(texts: list[str], encoders: dict) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(encoders["text"]["tokenizer_path"])
     if tokenizer.unk_token_id is None:
         return []
-    return [word for word in prompt_words(texts)
+    return [word for word in prompt_words([prompt_clean(text) for text in texts])
             if tokenizer.unk_token_id in tokenizer(word, add_special_tokens=False).input_ids]
 
 
