@@ -98,9 +98,9 @@ def test_fp8_on_a_machine_without_cuda(tmp_path):
     assert_one_line_error(result, "parallel.fp8=torchao", "CUDA")
 
 
-def test_export_offers_the_post_training_folder_and_the_inference_bundle(capsys):
+def test_export_offers_the_post_training_folder_its_check_and_the_inference_bundle(capsys):
     from lbva.launchers.cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["export", "--help"])
-    assert "{post-training,inference}" in capsys.readouterr().out
+    assert "{post-training,check,inference}" in capsys.readouterr().out
