@@ -73,7 +73,7 @@ def file_checksums(folder: Path) -> dict[str, dict]:
     """{file name: {"sha256", "bytes"}} of every file in folder but lbva_meta.json."""
     paths = [path for path in sorted(Path(folder).iterdir()) if path.is_file() and path.name != META_FILE]
     return {path.name: {"sha256": digest, "bytes": path.stat().st_size}
-            for path, digest in zip(paths, _sha256_all(paths))}
+            for path, digest in zip(paths, sha256_files(paths))}
 
 
 def _sha256(path: Path) -> str:
@@ -84,7 +84,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sha256_all(paths: list[Path]) -> list[str]:
+def sha256_files(paths: list[Path]) -> list[str]:
+    """The sha256 hex digest of each file, in order."""
     # hashlib releases the interpreter lock on large blocks, so files hash in parallel threads.
     if len(paths) < 2:
         return [_sha256(path) for path in paths]
@@ -148,7 +149,7 @@ def verify(folder: Path, checksums: bool = True, share: tuple[int, int] = (0, 1)
             problems.append(f"{name}: {path.stat().st_size} bytes, expected {expected[name]['bytes']} (truncated?)")
         elif checksums:
             to_hash.append(name)
-    for name, digest in zip(to_hash, _sha256_all([folder / name for name in to_hash])):
+    for name, digest in zip(to_hash, sha256_files([folder / name for name in to_hash])):
         if digest != expected[name]["sha256"]:
             problems.append(f"{name}: checksum differs from the one recorded at save time")
     if index == 0:

@@ -13,7 +13,6 @@ empty_emb.pt's shape and padding.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from lbva.models.mot import LingBotVA, ModelInputs
 from lbva.models.patching import action_positions, video_positions
 
 from .export import export_post_training, load_lingbot_folder, load_model
-from .manager import CheckpointError, read_meta
+from .manager import CheckpointError, read_meta, sha256_files
 
 # The file each component folder must hold to be what it claims.
 COMPONENT_FILES = {"vae": ("config.json",), "text_encoder": ("config.json",), "tokenizer": ("tokenizer_config.json",)}
@@ -67,17 +66,10 @@ def empty_text_embedding(text_encoder: Path, tokenizer: Path) -> torch.Tensor:
     return padded
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_table(out: Path) -> dict[str, dict]:
-    return {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-            for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    paths = [p for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    return {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": digest}
+            for p, digest in zip(paths, sha256_files(paths))}
 
 
 def export_complete(checkpoint: Path, out: Path, components: dict[str, Path | None], attn_mode: str = "torch",
@@ -147,8 +139,9 @@ def check_export(out: Path, checkpoint: Path | None = None) -> list[tuple[str, b
 
 
 def _check_files(out: Path, files: dict[str, dict]) -> tuple[str, bool, str]:
-    bad = [name for name, entry in files.items()
-           if not (out / name).is_file() or sha256(out / name) != entry["sha256"]]
+    present = [name for name in files if (out / name).is_file()]
+    digests = dict(zip(present, sha256_files([out / name for name in present])))
+    bad = [name for name, entry in files.items() if digests.get(name) != entry["sha256"]]
     detail = f"{len(files)} files match" if not bad else f"{len(bad)} differ or are missing: {', '.join(bad[:3])}"
     return "sha256", not bad, detail
 

@@ -1,6 +1,7 @@
 """The complete post-training folder (transformer, VAE, text encoder, tokenizer, empty_emb.pt,
 manifest) and `lbva export check`."""
 
+import hashlib
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lbva.checkpoints_tools.export import write_weights_checkpoint
-from lbva.checkpoints_tools.post_training import MANIFEST, sha256
+from lbva.checkpoints_tools.post_training import MANIFEST
 from lbva.launchers.cli import main
 from lbva.models.config import get_preset
 from lbva.models.mot import LingBotVA
@@ -30,6 +31,10 @@ def sources(tmp_path_factory):
     return checkpoint, vae, text
 
 
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _export(sources, out):
     checkpoint, vae, text = sources
     return main(["export", "post-training", str(checkpoint), str(out), "--vae", str(vae),
@@ -48,7 +53,7 @@ def test_complete_export_holds_every_component_and_a_manifest(sources, tmp_path)
     assert {"vae/config.json", "text_encoder/config.json", "tokenizer/tokenizer_config.json", "empty_emb.pt",
             "transformer/config.json"} <= set(manifest["files"])
     for name, entry in manifest["files"].items():
-        assert sha256(tmp_path / "out" / name) == entry["sha256"]
+        assert _sha256(tmp_path / "out" / name) == entry["sha256"]
 
 
 def test_empty_emb_is_512_tokens_zero_padded_past_the_eos(sources, tmp_path):
@@ -90,7 +95,7 @@ def test_check_fails_when_a_weight_changes_even_with_its_sha_updated(sources, tm
     tensors[name] = tensors[name] + 1
     save_file(tensors, str(shard), metadata={"format": "pt"})
     manifest = json.loads((out / MANIFEST).read_text())
-    manifest["files"][str(shard.relative_to(out))]["sha256"] = sha256(shard)
+    manifest["files"][str(shard.relative_to(out))]["sha256"] = _sha256(shard)
     (out / MANIFEST).write_text(json.dumps(manifest))
     assert _check(out, sources[0]) == 2
     assert "outputs" in capsys.readouterr().err
