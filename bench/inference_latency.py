@@ -44,6 +44,10 @@ Two more figures, measured in the same run (the "chunk" and "sessions" entries o
     sessions   executed actions per second of robot time, summed over robots, of --sessions robots
                driving one server at once vs one robot alone, each robot as slow as the policy
                (E = P_sync of one robot, calibrated in each repeat).
+    batched    prediction throughput (chunks per second summed over sessions, no robot time) of
+               --sessions in-process sessions predicting at the same moments: one after another (the
+               server before batching) vs concurrently through one ForwardBatcher, each forward of
+               all sessions in one model call (inference/batching.py).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +67,7 @@ import numpy as np
 import torch
 
 from lbva.checkpoints_tools.export import write_weights_checkpoint
+from lbva.inference.batching import ForwardBatcher
 from lbva.inference.bundle import BundleSpec, export_inference_bundle, load_bundle
 from lbva.inference.client import PolicyClient
 from lbva.inference.observations import CameraLayout
@@ -193,6 +199,43 @@ def chunk_latency(runtime, robot: Robot, chunks: int, chunk_size: int, shortcuts
     return statistics.mean(latencies[len(latencies) // 2:])
 
 
+def prediction_chunks_per_s(runtime, sessions: int, chunks: int, chunk_size: int, image_size: int,
+                            batched: bool) -> tuple[float, float]:
+    """Chunks predicted per second, summed over `sessions` episodes of the runtime's model run side by
+    side without robot time: round-robin one request at a time, or each in its own thread through
+    one ForwardBatcher. -> (chunks per second, forwards per model call)."""
+    batcher = ForwardBatcher(max_wait_s=0.05) if batched else None
+    policies = [runtime.new_session(batcher) for _ in range(sessions)]
+    robots = [Robot(image_size, 0.0) for _ in range(sessions)]
+
+    def steps(index: int):
+        policy, robot = policies[index], robots[index]
+        policy.reset(PROMPT)
+        actions = policy.infer(robot.observation())
+        for chunk in range(chunks - 1):
+            yield
+            policy.feedback(robot.keyframes(4 * (chunk_size - 1 if chunk == 0 else chunk_size)), actions)
+            actions = policy.infer()
+
+    started = time.perf_counter()
+    if batcher is None:
+        episodes = [steps(i) for i in range(sessions)]
+        for _ in range(chunks):
+            for episode in episodes:
+                next(episode, None)
+    else:
+        def whole(index: int) -> None:
+            with batcher.request():
+                for _ in steps(index):
+                    pass
+
+        with ThreadPoolExecutor(sessions) as pool:
+            list(pool.map(whole, range(sessions)))
+    elapsed = time.perf_counter() - started
+    per_call = batcher.stats.forwards / batcher.stats.calls if batcher is not None else 1.0
+    return sessions * chunks / elapsed, per_call
+
+
 def sessions_actions_per_s(port: int, robots: int, seconds: float, chunks: int, chunk_size: int,
                            image_size: int, actions: int) -> float:
     """Executed actions per second of robot time, summed over `robots` robots driving one server at
@@ -237,6 +280,7 @@ def main() -> None:
         runtime = load_bundle(bundle).runtime()
         chunk_runs: list[dict] = []
         session_runs: list[dict] = []
+        batch_runs: list[dict] = []
         options = ServerOptions(port=0, max_sessions=args.sessions + 1)  # + the calibrating client
         with BackgroundServer(runtime, options) as server, \
                 PolicyClient(f"ws://127.0.0.1:{server.port}") as client:
@@ -248,6 +292,10 @@ def main() -> None:
                     name: chunk_latency(local, Robot(args.image_size, 0.0), args.chunks, args.chunk_size, shortcuts)
                     for name, shortcuts in (("full", False), ("shortcuts", True))})
                 del local
+                batch_runs.append({
+                    name: prediction_chunks_per_s(runtime, args.sessions, args.chunks, args.chunk_size,
+                                                  args.image_size, batched)
+                    for name, batched in (("sequential", False), ("batched", True))})
                 one_p = run_sync(client, Robot(args.image_size, 0.0), args.chunks, args.chunk_size).steady_latency()
                 session_runs.append({"exec": one_p, **{
                     str(n): sessions_actions_per_s(server.port, n, one_p, args.chunks, args.chunk_size,
@@ -307,12 +355,21 @@ def main() -> None:
                 "one_actions_per_s": statistics.median(r["1"] for r in session_runs),
                 "many_actions_per_s": statistics.median(r[str(args.sessions)] for r in session_runs),
                 "ratio": statistics.median(r[str(args.sessions)] / r["1"] for r in session_runs)}
+    batched = {"sessions": args.sessions,
+               "sequential_chunks_per_s": statistics.median(r["sequential"][0] for r in batch_runs),
+               "batched_chunks_per_s": statistics.median(r["batched"][0] for r in batch_runs),
+               "forwards_per_call": statistics.median(r["batched"][1] for r in batch_runs),
+               "ratio": statistics.median(r["batched"][0] / r["sequential"][0] for r in batch_runs)}
     print(f"chunk ({args.text_tokens} text tokens, sync, runtime alone): full forwards {chunk['full_ms']:.0f} ms, "
           f"with the shortcuts {chunk['shortcuts_ms']:.0f} ms: {chunk['speedup']:.2f}x")
     print(f"sessions (robot time E = P_sync of one robot, {sessions['exec_ms']:.0f} ms): 1 robot "
           f"{sessions['one_actions_per_s']:.1f} actions/s, {args.sessions} robots on one server "
           f"{sessions['many_actions_per_s']:.1f} actions/s: {sessions['ratio']:.2f}x")
-    print(json.dumps({"async": rows, "chunk": chunk, "sessions": sessions}))
+    print(f"batched ({args.sessions} sessions predicting at once, no robot time): one after another "
+          f"{batched['sequential_chunks_per_s']:.2f} chunks/s, through the batcher "
+          f"{batched['batched_chunks_per_s']:.2f} chunks/s ({batched['forwards_per_call']:.2f} forwards per "
+          f"model call): {batched['ratio']:.2f}x")
+    print(json.dumps({"async": rows, "chunk": chunk, "sessions": sessions, "batched": batched}))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,10 @@ themselves come from the model's own modules (`TextProjection`, then each depth'
 text with a kernel that keeps what it is given), so the numbers are those the model computes.
 
 `CachedModel(..., reuse_prompt=False)` keeps the model's own per-forward text work (the path before
-this cache), which the equality tests and bench/inference_latency.py compare against.
+this cache), which the equality tests and bench/inference_latency.py compare against. The episode's
+K/V also fold the prompt's zero padding into one key per row with a log-count bias (EpisodeText), so
+each forward's cross-attention reads the prompt's length of keys instead of 512: the same softmax,
+rounded differently (`fold_padding=False` keeps every padding key).
 
 CFG rows. A forward runs every text row (prompt, and the negative prompt under guidance) unless it
 asks for the first `rows` only: the action loop with action guidance 1 needs the prompt row alone.
@@ -43,7 +46,7 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from lbva.models.attention import AttentionKernels
+from lbva.models.attention import AttentionKernel, AttentionKernels
 from lbva.models.masks import CLEAN, TokenLayout, self_attention_rule
 from lbva.models.mot import LingBotVA, ModelInputs
 
@@ -99,11 +102,20 @@ class _KeepKeysValues:
 
 @dataclass(frozen=True)
 class EpisodeText:
-    """The prompt's work of one episode: per depth the cross-attention K and V [B, T, H, D] of the
-    projected text rows (row 0 the prompt, row 1 under CFG the negative prompt)."""
+    """The prompt's work of one episode: per depth the cross-attention K and V [B, T', H, D] of the
+    projected text rows (row 0 the prompt, row 1 under CFG the negative prompt), with the padding
+    folded into one key per row.
+
+    Folding. Text rows are zero past the prompt's tokens (up to the 512 the reference pads to), and
+    identical inputs give identical keys and values, so the n padding tokens of a row are one key
+    seen n times: softmax weight n exp(s) = exp(s + log n). Each row keeps its prompt tokens and one
+    padding key with the additive bias log n (rows shorter than the longest get -inf filler), which
+    is the attention over all T tokens, padding included, as in training and the reference, at the
+    cost of the prompt's length instead of 512. `bias` [B, 1, 1, T'] float32 (None: no padding)."""
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
+    bias: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -111,9 +123,9 @@ class EpisodeText:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, model: LingBotVA, text: torch.Tensor) -> EpisodeText:
+    def of(cls, model: LingBotVA, text: torch.Tensor, fold_padding: bool = True) -> EpisodeText:
         """text features [B, T, text_dim] -> the K/V every depth's cross-attention reads, computed by
-        the model's own text projection and cross-attention modules."""
+        the model's own text projection and cross-attention modules (padding folded unless told)."""
         dtype = next(model.parameters()).dtype
         projected = model.condition_embedder.text_embedder(text.to(dtype))  # [B, T, video width]
         keys, values = [], []
@@ -122,7 +134,24 @@ class EpisodeText:
             depth.entry.attn2(projected[:, :0], projected, keep)
             keys.append(keep.kept[0])
             values.append(keep.kept[1])
-        return cls(tuple(keys), tuple(values))
+        padding = (text == 0).all(-1).cpu()  # [B, T]
+        if not fold_padding or not bool(padding.any()):
+            return cls(tuple(keys), tuple(values))
+        kept, counts = [], []
+        for row in padding:
+            prompt = torch.nonzero(~row).flatten()
+            pad = torch.nonzero(row).flatten()
+            kept.append(torch.cat([prompt, pad[:1]]))
+            counts.append(torch.cat([torch.ones(len(prompt)), torch.full((min(len(pad), 1),), float(len(pad)))]))
+        width = max(len(k) for k in kept)
+        index = torch.stack([torch.nn.functional.pad(k, (0, width - len(k))) for k in kept]).to(text.device)
+        bias = torch.stack([torch.nn.functional.pad(c.log(), (0, width - len(c)), value=float("-inf")) for c in counts])
+
+        def fold(per_depth: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            gather = index[:, :, None, None]
+            return tuple(t.gather(1, gather.expand(-1, -1, *t.shape[2:])) for t in per_depth)
+
+        return cls(fold(keys), fold(values), bias[:, None, None, :].to(text.device))
 
 
 class _EpisodeCrossAttention:
@@ -139,8 +168,10 @@ class _EpisodeCrossAttention:
             raise RuntimeError("the model's cross-attention did not run once per depth on the empty text")
         keys, values = self.text.keys[self.depth][: self.rows], self.text.values[self.depth][: self.rows]
         self.depth += 1
-        # Every token sees all text tokens, zero padding included, as in training and the reference.
-        return _sdpa(q, keys.to(q.dtype), values.to(q.dtype))
+        if self.text.bias is None:
+            return _sdpa(q, keys.to(q.dtype), values.to(q.dtype))
+        # The folded padding's log-count bias in float32 (bfloat16 would round log n by up to 2%).
+        return _sdpa(q.float(), keys.float(), values.float(), self.text.bias[: self.rows]).to(q.dtype)
 
 
 class _CachedSelfAttention:
@@ -171,20 +202,21 @@ class _CachedSelfAttention:
 class CachedModel:
     """The model plus its KV cache and the episode's text (one row per CFG batch row)."""
 
-    def __init__(self, model: LingBotVA, cache: KVCache, text: torch.Tensor, reuse_prompt: bool = True) -> None:
+    def __init__(self, model: LingBotVA, cache: KVCache, text: torch.Tensor, reuse_prompt: bool = True,
+                 fold_padding: bool = True) -> None:
         """text [B, T, text_dim]: row 0 the prompt, row 1 (with CFG) the negative prompt.
-        reuse_prompt: compute the prompt's work once (EpisodeText), else in every forward."""
+        reuse_prompt: compute the prompt's work once (EpisodeText), else in every forward;
+        fold_padding: with it, fold the text padding into one key per row (EpisodeText)."""
         self.model = model
         self.cache = cache
         self.text = text
-        self.episode_text = EpisodeText.of(model, text) if reuse_prompt else None
+        self.episode_text = EpisodeText.of(model, text, fold_padding) if reuse_prompt else None
         self.device = text.device
 
     @property
     def batch(self) -> int:
         return self.text.shape[0]
 
-    @torch.no_grad()
     def forward(self, groups: Sequence[TokenGroup], rows: int | None = None) -> list[torch.Tensor]:
         """Run the groups through the model, writing each into the cache by its write mode.
         rows: run only the first `rows` CFG rows (default all); such a forward may not store.
@@ -192,6 +224,11 @@ class CachedModel:
         Returns, per group in the given order, the model's prediction [rows, L, D_out] (video in the
         head's patch-major order).
         """
+        return run_batched(self.model, [self.prepare(groups, rows)])[0]
+
+    def prepare(self, groups: Sequence[TokenGroup], rows: int | None = None) -> PreparedForward:
+        """Everything one forward of these groups needs, with its cache slots reserved (see forward);
+        `run_batched` runs it, alone or beside other episodes' prepared forwards."""
         rows = self.batch if rows is None else rows
         if rows < self.batch and any(g.write != WriteMode.TRANSIENT for g in groups):
             raise ValueError("a forward over some CFG rows cannot store: later forwards read every row")
@@ -203,30 +240,22 @@ class CachedModel:
         for i in order:
             span[i] = (start, start + len(groups[i]))
             start += len(groups[i])
-        ranges = [span[i] for i in order]
         if any(g.write != WriteMode.TRANSIENT and g.role != CLEAN for g in ordered):
             raise ValueError("only clean tokens (history) can be stored in the KV cache")
         reservation = self.cache.reserve([len(g) for g in ordered], [g.write for g in ordered],
                                          [g.chunk_id for g in ordered])
-        mask = self._mask(ordered, reservation)
-        attention = _CachedSelfAttention(self.cache, reservation, ranges, mask, rows)
         try:
+            mask = self._mask(ordered, reservation)
             video = [g for g in ordered if g.modality == "video"]
             action = [g for g in ordered if g.modality == "action"]
-            cross = _sdpa if self.episode_text is None else _EpisodeCrossAttention(self.episode_text, rows)
-            kernels = AttentionKernels(attention, cross)
-            video_out, action_out = self.model(self._inputs(video, action, rows), kernels)
-            if attention.depth != self.cache.num_layers:
-                raise RuntimeError(f"the model called self-attention {attention.depth} times in one forward, "
-                                   f"expected once per depth ({self.cache.num_layers})")
+            inputs = self._inputs(video, action, rows)
         except BaseException:
             self.cache.abort(reservation)
             raise
-        self.cache.commit(reservation)
-        joint_video = video_out.shape[1]
-        return [video_out[:, span[i][0]:span[i][1]] if group.modality == "video"
-                else action_out[:, span[i][0] - joint_video:span[i][1] - joint_video]
-                for i, group in enumerate(groups)]
+        attention = _CachedSelfAttention(self.cache, reservation, [span[i] for i in order], mask, rows)
+        cross = _sdpa if self.episode_text is None else _EpisodeCrossAttention(self.episode_text, rows)
+        return PreparedForward(self, list(groups), [span[i] for i in range(len(groups))], inputs,
+                               attention, cross)
 
     def _inputs(self, video: list[TokenGroup], action: list[TokenGroup], rows: int) -> ModelInputs:
         config = self.model.config
@@ -274,3 +303,87 @@ class CachedModel:
             return None
         per_query = sees_cached[:, slot_of].repeat_interleave(sizes, dim=0)  # [Lq, n]
         return torch.cat([per_query, sees_current], dim=1).to(self.device)
+
+
+@dataclass(eq=False)
+class PreparedForward:
+    """One episode's forward, ready to run: the groups (in the caller's order) and their token spans
+    in the model's order, the model inputs, and the kernels bound to the episode's cache and text."""
+
+    owner: CachedModel
+    groups: list[TokenGroup]
+    spans: list[tuple[int, int]]
+    inputs: ModelInputs
+    attention: _CachedSelfAttention
+    cross: AttentionKernel
+
+    @property
+    def rows(self) -> int:
+        return self.inputs.video_tokens.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """What must agree for forwards of different episodes to share one model call: the video,
+        action and text token counts (the CFG rows may differ)."""
+        i = self.inputs
+        return i.video_tokens.shape[1], i.action_tokens.shape[1], i.text.shape[1]
+
+    def check(self) -> None:
+        depth, layers = self.attention.depth, self.owner.cache.num_layers
+        if depth != layers:
+            raise RuntimeError(f"the model called self-attention {depth} times in one forward, "
+                               f"expected once per depth ({layers})")
+
+    def finish(self, video_out: torch.Tensor, action_out: torch.Tensor) -> list[torch.Tensor]:
+        """Make the stored groups readable; -> the groups' predictions from this forward's rows."""
+        self.owner.cache.commit(self.attention.reservation)
+        joint_video = video_out.shape[1]
+        return [video_out[:, start:end] if group.modality == "video"
+                else action_out[:, start - joint_video:end - joint_video]
+                for group, (start, end) in zip(self.groups, self.spans)]
+
+    def abort(self) -> None:
+        self.owner.cache.abort(self.attention.reservation)
+
+
+class _SplitKernel:
+    """One attention kernel over the batch of several episodes' forwards: each episode's rows go to its
+    own kernel (its cache, mask and text), and the outputs are joined again in batch order."""
+
+    def __init__(self, kernels: Sequence[AttentionKernel], rows: Sequence[int]) -> None:
+        self.kernels = kernels
+        self.bounds = torch.tensor([0, *rows]).cumsum(0).tolist()
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        parts = [kernel(q[a:b], k[a:b], v[a:b])
+                 for kernel, a, b in zip(self.kernels, self.bounds[:-1], self.bounds[1:])]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@torch.no_grad()
+def run_batched(model: LingBotVA, forwards: Sequence[PreparedForward]) -> list[list[torch.Tensor]]:
+    """Run prepared forwards of one or more episodes as one model call (their CFG rows stacked on the
+    batch axis; every other layer is per token, so each episode's numbers are its own; attention runs
+    per episode on its own cache). They must agree on `shape`. -> per forward, per group, the
+    prediction [rows, L, D_out]. A failure frees every forward's reserved slots."""
+    try:
+        if len({f.shape for f in forwards}) != 1:
+            raise ValueError(f"forwards of token counts {sorted({f.shape for f in forwards})} cannot share one call")
+        if len(forwards) == 1:
+            inputs, kernels = forwards[0].inputs, AttentionKernels(forwards[0].attention, forwards[0].cross)
+        else:
+            fields = {name: torch.cat([getattr(f.inputs, name) for f in forwards])
+                      for name in ModelInputs.__dataclass_fields__}
+            inputs = ModelInputs(**fields)
+            rows = [f.rows for f in forwards]
+            kernels = AttentionKernels(_SplitKernel([f.attention for f in forwards], rows),
+                                       _SplitKernel([f.cross for f in forwards], rows))
+        video_out, action_out = model(inputs, kernels)
+        for f in forwards:
+            f.check()
+        bounds = torch.tensor([0, *(f.rows for f in forwards)]).cumsum(0).tolist()
+    except BaseException:
+        for f in forwards:
+            f.abort()
+        raise
+    return [f.finish(video_out[a:b], action_out[a:b]) for f, a, b in zip(forwards, bounds[:-1], bounds[1:])]

@@ -167,7 +167,11 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "auto": torch.bfloat16 if device == "cuda" else torch.float32}[args.dtype]
     runtime = load_bundle(args.bundle).runtime(device, dtype, _settings_given(args))
-    options = ServerOptions(args.host, args.port, token, int(args.max_message_mb * (1 << 20)), args.max_sessions)
+    if args.batch_wait_ms < 0:
+        raise UserError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
+    batching = {"auto": None, "on": True, "off": False}[args.batch_sessions]
+    options = ServerOptions(args.host, args.port, token, int(args.max_message_mb * (1 << 20)), args.max_sessions,
+                            batching, args.batch_wait_ms)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     warning = exposure_warning(args.host, token)
     if warning:
@@ -204,6 +208,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted")
     p.add_argument("--max-sessions", type=int, default=4,
                    help="concurrent connections served, each its own episode and KV cache (default 4)")
+    p.add_argument("--batch-sessions", choices=["auto", "on", "off"], default="auto",
+                   help="run concurrent sessions' forwards as one model call (auto: on CUDA only; on a CPU "
+                        "a stacked call costs what its parts cost)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a forward waits for other sessions' forwards to share its model call "
+                        "(default 5; a lone session never waits)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on the CPU")

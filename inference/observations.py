@@ -12,6 +12,7 @@ on quantile-normalised values, a_n = (a - q01) / (q99 - q01 + 1e-6) * 2 - 1.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -126,6 +127,9 @@ class ObservationEncoder:
         self._video = encoders.video(device)
         self.temporal_factor: int = self._video.temporal_factor  # observed frames per latent frame
         self._streams: list[StreamingEncoder] = []
+        # Sessions run their requests in threads of their own; the VAE's whole-clip decode keeps its
+        # causal cache on the module, so siblings take turns on it (streams carry their own cache).
+        self._decoding = threading.Lock()
 
     def sibling(self) -> ObservationEncoder:
         """An encoder for another episode: the same loaded video encoder, streams of its own."""
@@ -138,7 +142,8 @@ class ObservationEncoder:
         cameras side by side as tiled), or None where the video encoder cannot decode (the stand-in)."""
         if not isinstance(self._video, WanVideoEncoder):
             return None
-        return self._video.decode_frames(latents).numpy()
+        with self._decoding:
+            return self._video.decode_frames(latents).numpy()
 
     def _stream(self) -> StreamingEncoder:
         if isinstance(self._video, WanVideoEncoder):
@@ -174,11 +179,16 @@ class PromptEncoder:
     def __init__(self, encoders: EncoderChoice, text_tokens: int, device: str) -> None:
         self._text = encoders.text(device)
         self.text_tokens = text_tokens
+        # One encoder serves every session of a server, each in its own thread; a fast tokenizer
+        # refuses concurrent calls ("Already borrowed"), so they take turns.
+        self._lock = threading.Lock()
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """-> [len(prompts), text_tokens, text_dim] float32."""
         out = []
-        for emb in self._text.encode(list(prompts)):
+        with self._lock:
+            embeddings = self._text.encode(list(prompts))
+        for emb in embeddings:
             padded = torch.zeros(self.text_tokens, emb.shape[-1])
             length = min(self.text_tokens, emb.shape[0])
             padded[:length] = emb[:length]

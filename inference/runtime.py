@@ -40,6 +40,7 @@ import torch
 
 from lbva.models.mot import LingBotVA
 
+from .batching import ForwardBatcher
 from .observations import ActionCodec, ObservationEncoder, PromptEncoder
 from .settings import InferenceSettings
 from .world_model import WorldModelSampler
@@ -63,11 +64,13 @@ class InferenceRuntime:
     def __init__(
         self, model: LingBotVA, settings: InferenceSettings, *, codec: ActionCodec, cameras: ObservationEncoder,
         prompts: PromptEncoder, latent_size: tuple[int, int], actions_per_frame: int, shortcuts: bool = True,
+        batcher: ForwardBatcher | None = None,
     ) -> None:
-        """shortcuts: see WorldModelSampler (False: the full forwards the equality tests compare with)."""
+        """shortcuts, batcher: see WorldModelSampler (shortcuts False: the full forwards the equality
+        tests compare with; a batcher: the server's, shared by its sessions)."""
         self.sampler = WorldModelSampler(model, settings, latent_size=latent_size,
                                          actions_per_frame=actions_per_frame, action_mask=codec.mask,
-                                         shortcuts=shortcuts)
+                                         shortcuts=shortcuts, batcher=batcher)
         self.model = self.sampler.model
         self.settings = settings
         self.codec = codec
@@ -79,12 +82,14 @@ class InferenceRuntime:
         self._in_flight: list[_InFlight] = []
         self._next_chunk = 0
 
-    def new_session(self) -> InferenceRuntime:
+    def new_session(self, batcher: ForwardBatcher | None = None) -> InferenceRuntime:
         """A runtime for another, concurrent episode: the same model weights, codec, prompt encoder and
-        loaded camera encoder; its own KV cache, camera streams, noise generator and chunks in flight."""
+        loaded camera encoder; its own KV cache, camera streams, noise generator and chunks in flight.
+        batcher: the one the concurrent sessions share, so their forwards run batched (batching.py)."""
         return InferenceRuntime(self.model, self.settings, codec=self.codec, cameras=self.cameras.sibling(),
                                 prompts=self.prompts, latent_size=self.sampler.latent_size,
-                                actions_per_frame=self.actions_per_frame, shortcuts=self.sampler.shortcuts)
+                                actions_per_frame=self.actions_per_frame, shortcuts=self.sampler.shortcuts,
+                                batcher=batcher)
 
     # --- episode interface -------------------------------------------------------------------
 

@@ -25,20 +25,29 @@ other's episode. At most `max_sessions` connections are served; a further handsh
 503 and a message saying so (a handshake that races past that check is closed with 1013, try again
 later), and the others keep serving. A session's cache goes with its connection: on disconnect,
 even in the middle of a request, the session is dropped once the request in flight finishes; a reset
-releases the cache's memory until the next forward. Requests of all sessions run one after another
-(the model runs in a worker thread so the event loop keeps answering /healthz and handshakes);
-requests of different sessions are not batched into one forward.
+releases the cache's memory until the next forward.
+
+Batching (`batch_sessions`; by default on when the model runs on CUDA). With it, each session's
+requests run in a worker thread of their own (one per possible session), and the sessions share one
+ForwardBatcher (batching.py): a model forward waits until every request in progress has one waiting
+too, or `batch_wait_ms` has passed, and forwards of the same token counts then run as one model
+call. A lone session never waits. Without it (the default on a CPU, where a stacked call costs what
+its parts cost and concurrent requests contend for the cores), requests of all sessions run one
+after another. Either way the model runs in worker threads, so the event loop keeps answering
+/healthz and handshakes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -48,6 +57,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
+from .batching import ForwardBatcher
 from .protocol import Feedback, Imagine, Infer, ProtocolError, Reset, packb, parse_request, unpackb
 from .runtime import EpisodeError, InferenceRuntime
 from .settings import DEFAULT_PORT
@@ -75,6 +85,10 @@ class ServerOptions:
     token: str | None = None
     max_message_bytes: int = 64 << 20
     max_sessions: int = 4  # concurrent connections, each with its own episode and KV cache
+    # Concurrent sessions' forwards in shared model calls (batching.py); None: on when the model runs
+    # on CUDA. batch_wait_ms: how long a forward waits for the others to join its call.
+    batch_sessions: bool | None = None
+    batch_wait_ms: float = 5.0
 
 
 class PolicyServer:
@@ -84,14 +98,24 @@ class PolicyServer:
     def __init__(self, runtime: InferenceRuntime, options: ServerOptions) -> None:
         if options.max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {options.max_sessions}")
+        if options.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {options.batch_wait_ms}")
         self.runtime = runtime
         self.options = options
         self.sessions: dict[int, InferenceRuntime] = {}  # by session id, one per open connection
+        batching = options.batch_sessions if options.batch_sessions is not None else runtime.device.type == "cuda"
+        self.batcher = ForwardBatcher(options.batch_wait_ms / 1000.0) if batching else None
+        self._one_at_a_time = threading.Lock()  # without batching: one request at a time
+        self._workers: ThreadPoolExecutor | None = None  # one thread per session, while serving
         self._session_ids = itertools.count(1)
-        self._lock = asyncio.Lock()
 
     async def serve(self, on_ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None) -> None:
         """Serve until `stop` is set (forever without one); `on_ready(port)` once listening."""
+        with ThreadPoolExecutor(self.options.max_sessions, thread_name_prefix="lbva-session") as workers:
+            self._workers = workers
+            await self._listen(on_ready, stop)
+
+    async def _listen(self, on_ready: Callable[[int], None] | None, stop: asyncio.Event | None) -> None:
         async with serve(
             self._session, self.options.host, self.options.port, compression=None, ping_interval=None,
             max_size=self.options.max_message_bytes, process_request=self._process_request,
@@ -125,7 +149,7 @@ class PolicyServer:
             await connection.close(CloseCode.TRY_AGAIN_LATER, self._full_message())
             return
         session_id = next(self._session_ids)
-        runtime = self.sessions[session_id] = self.runtime.new_session()
+        runtime = self.sessions[session_id] = self.runtime.new_session(self.batcher)
         try:
             await self._serve_session(connection, runtime)
         finally:
@@ -157,10 +181,10 @@ class PolicyServer:
             if isinstance(message, str):
                 raise ProtocolError("requests are binary msgpack frames, not text")
             request = parse_request(unpackb(message), runtime.cameras.layout.keys)
-            async with self._lock:
-                started = time.perf_counter()
-                response = await asyncio.to_thread(_handle, runtime, request)
-                return response, (time.perf_counter() - started) * 1000.0
+            started = time.perf_counter()
+            work = functools.partial(self._handle, runtime, request)
+            response = await asyncio.get_running_loop().run_in_executor(self._workers, work)
+            return response, (time.perf_counter() - started) * 1000.0
         except (ProtocolError, EpisodeError) as error:
             await connection.send(f"error: {error}")
             return None
@@ -169,6 +193,11 @@ class PolicyServer:
             await connection.send(f"internal error: {type(error).__name__}: {error}")
             await connection.close(CloseCode.INTERNAL_ERROR, "internal error")
             return None
+
+    def _handle(self, runtime: InferenceRuntime, request: Reset | Infer | Feedback | Imagine) -> dict[str, Any]:
+        """One request, in a session's worker thread: counted in progress for the batcher, or alone."""
+        with self.batcher.request() if self.batcher is not None else self._one_at_a_time:
+            return _handle(runtime, request)
 
 
 def _handle(runtime: InferenceRuntime, request: Reset | Infer | Feedback | Imagine) -> dict[str, Any]:

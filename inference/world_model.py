@@ -36,6 +36,7 @@ from lbva.models.masks import CLEAN, NOISY, NOISY_FDM
 from lbva.models.mot import LingBotVA
 from lbva.models.patching import action_positions, input_to_output_order, patchify, unpatchify, video_positions
 
+from .batching import ForwardBatcher
 from .cached_forward import CachedModel, TokenGroup
 from .kv_cache import KVCache, WriteMode
 from .sampling import denoising_sigmas, euler_step, guided
@@ -53,10 +54,13 @@ class WorldModelSampler:
     canvas (h, w); actions_per_frame: N; action_mask [30] bool: the slots the embodiment fills."""
 
     def __init__(self, model: LingBotVA, settings: InferenceSettings, *, latent_size: tuple[int, int],
-                 actions_per_frame: int, action_mask: torch.Tensor, shortcuts: bool = True) -> None:
+                 actions_per_frame: int, action_mask: torch.Tensor, shortcuts: bool = True,
+                 batcher: ForwardBatcher | None = None) -> None:
         """shortcuts: the savings that leave the numbers as they are (the prompt's work once per
         episode, the prompt row alone in an unguided action loop); False runs every forward in full,
-        the baseline the equality tests and bench/inference_latency.py compare with."""
+        the baseline the equality tests and bench/inference_latency.py compare with.
+        batcher: shared by the sessions of a server, so their concurrent forwards share model calls
+        (batching.py); None runs each forward alone."""
         settings.validate()
         config = model.config
         _, ph, pw = config.patch_size
@@ -77,6 +81,10 @@ class WorldModelSampler:
             dtype=next(model.parameters()).dtype, device=self.device,
         )
         self.shortcuts = shortcuts
+        # With the shortcuts: the prompt's padding folded into one key (cached_forward.EpisodeText),
+        # equal to the unfolded softmax within rounding, not bit for bit.
+        self.fold_padding = True
+        self.batcher = batcher
         self._action_mask = action_mask.to(self.device)
         self._cached: CachedModel | None = None
         self._generator = torch.Generator()
@@ -93,7 +101,8 @@ class WorldModelSampler:
             raise ValueError(f"text has {text.shape[0]} rows, the settings need {rows} "
                              "(prompt, and the negative prompt under classifier-free guidance)")
         self.cache.clear()
-        self._cached = CachedModel(self.model, self.cache, text.to(self.device), reuse_prompt=self.shortcuts)
+        self._cached = CachedModel(self.model, self.cache, text.to(self.device), reuse_prompt=self.shortcuts,
+                                   fold_padding=self.fold_padding)
         self._generator.manual_seed(self.settings.seed)
         self._pending = []
         self._first_latent = None
@@ -195,6 +204,8 @@ class WorldModelSampler:
         if self._pending:
             rows = None
         groups, self._pending = self._pending + list(context) + [group], []
+        if self.batcher is not None:
+            return self.batcher.forward(self._cached, groups, rows)[-1]
         return self._cached.forward(groups, rows)[-1]
 
     def _video_group(self, chunk: int, tokens: torch.Tensor, sigma: float, role: int, write: WriteMode) -> TokenGroup:

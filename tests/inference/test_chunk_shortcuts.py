@@ -6,18 +6,20 @@ import pytest
 import torch
 
 from inference_fixtures import PROMPT, keyframes, observation, runtime, tiny_model
-from lbva.inference.cached_forward import CachedModel, EpisodeText, TokenGroup
+from lbva.inference.cached_forward import CachedModel, EpisodeText, TokenGroup, _EpisodeCrossAttention
 from lbva.inference.kv_cache import KVCache, WriteMode
 from lbva.models.masks import NOISY
 
 ATOL = 1e-6
 
 
-def _episode(policy, shortcuts: bool, asynchronous: bool, chunks: int = 4) -> list[np.ndarray]:
-    """Actions of one episode (sync or async control) with the shortcuts on or off. The robot
-    reports fixed executed actions, so both runs get the same inputs (rounding differences of the
-    served actions would otherwise come back as input)."""
+def _episode(policy, shortcuts: bool, asynchronous: bool, chunks: int = 4, fold: bool = False) -> list[np.ndarray]:
+    """Actions of one episode (sync or async control) with the shortcuts on or off (and the padding
+    fold, which rounds differently, off unless asked for). The robot reports fixed executed actions,
+    so both runs get the same inputs (rounding differences of the served actions would otherwise
+    come back as input)."""
     policy.sampler.shortcuts = shortcuts
+    policy.sampler.fold_padding = fold
     rng = np.random.default_rng(3)
     policy.reset(PROMPT)
     first = observation(rng)
@@ -103,6 +105,32 @@ def test_the_episode_text_holds_one_key_value_pair_per_depth_and_row():
     assert len(text.keys) == len(text.values) == config.num_layers and text.rows == 2
     assert text.keys[0].shape == (2, 8, config.num_heads, config.head_dim)
     assert not torch.equal(text.keys[0], text.keys[1])  # each depth projects with its own weights
+
+
+def test_folding_the_prompt_padding_keeps_the_cross_attention_within_rounding():
+    """EpisodeText folds each row's zero padding into one key with bias log n: per forward the same
+    attention as over every padding key (1e-6), and over a guided episode within its rounding."""
+    model = tiny_model()
+    config = model.config
+    text = torch.zeros(2, 40, config.text_dim)
+    text[0, :5], text[1, :11] = torch.randn(5, config.text_dim), torch.randn(11, config.text_dim)  # two lengths
+    folded, full = EpisodeText.of(model, text), EpisodeText.of(model, text, fold_padding=False)
+    assert folded.keys[0].shape[1] == 12 and full.keys[0].shape[1] == 40  # 11 prompt tokens + 1
+    q = torch.randn(2, 7, config.num_heads, config.head_dim)
+    for depth in range(config.num_layers):
+        attend = lambda t: _EpisodeCrossAttention(t, rows=2)  # noqa: E731
+        kernels = [attend(folded), attend(full)]
+        for kernel in kernels:
+            kernel.depth = depth
+        empty = torch.zeros(2, 0, config.num_heads, config.head_dim)
+        torch.testing.assert_close(kernels[0](q, empty, empty), kernels[1](q, empty, empty), rtol=0, atol=1e-6)
+
+    policy = runtime(tiny_model(), video_guidance=5.0, action_guidance=1.0, attention_window=4)
+    unfolded = _episode(policy, shortcuts=True, asynchronous=False)
+    with_fold = _episode(policy, shortcuts=True, asynchronous=False, fold=True)
+    assert policy.sampler._cached.episode_text.bias is not None  # the fold ran
+    for expected, served in zip(unfolded, with_fold, strict=True):
+        np.testing.assert_allclose(served, expected, rtol=0, atol=1e-4)
 
 
 def test_a_forward_over_the_prompt_row_alone_cannot_store():

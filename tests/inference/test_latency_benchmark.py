@@ -37,6 +37,9 @@ def test_a_tiny_model_runs_both_robot_times_and_async_control_overlaps_predictio
     chunk, sessions = figures["chunk"], figures["sessions"]
     assert chunk["text_tokens"] == 64 and chunk["full_ms"] > 0 and chunk["shortcuts_ms"] > 0
     assert sessions["sessions"] == 2 and sessions["one_actions_per_s"] > 0
+    batched = figures["batched"]
+    assert batched["sequential_chunks_per_s"] > 0 and batched["batched_chunks_per_s"] > 0
+    assert batched["forwards_per_call"] > 1  # the two sessions' forwards shared model calls
     # Two robots as slow as the policy leave it no idle time: together they must beat one alone.
     assert sessions["ratio"] > 1.2
     rows = {row["robot_time"]: row for row in figures["async"]}

@@ -193,7 +193,7 @@ def test_a_server_failure_closes_the_connection_and_the_server_keeps_serving(bun
         raise RuntimeError("the GPU fell off")
 
     runtime.infer = broken
-    runtime.new_session = lambda: runtime  # every session gets the broken runtime
+    runtime.new_session = lambda batcher=None: runtime  # every session gets the broken runtime
     with BackgroundServer(runtime, ServerOptions(port=0)) as running:
         with PolicyClient(url(running)) as client:
             client.reset(PROMPT)
