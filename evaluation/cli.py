@@ -21,8 +21,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         settings = InferenceSettings(chunk_size=args.chunk_size, video_steps=args.video_steps,
                                      action_steps=args.action_steps, video_guidance=guidance,
                                      action_guidance=args.action_guidance)
+        if args.point_draws < 1:
+            raise UserError(f"lbva eval: --point-draws must be >= 1, got {args.point_draws}")
         options = EvalOptions(samples_per_source=args.samples, rollout_chunks=args.rollout_chunks,
-                              pictures_per_source=args.pictures, settings=settings, ema=args.ema, vae=args.vae)
+                              pictures_per_source=args.pictures, point_draws=args.point_draws, settings=settings,
+                              ema=args.ema, vae=args.vae)
         out = args.out / f"video_guidance_{guidance:g}" if sweep and args.out is not None else args.out
         if sweep and out is None:
             raise UserError("lbva eval: several --video-guidance values need --out (one folder per value in it)")
@@ -85,6 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--rollout-chunks", type=int, default=4, help="chunks of the open-loop rollout")
     command.add_argument("--pictures", type=int, default=2, help="rollouts drawn per source")
     command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--point-draws", type=int, default=8,
+                         help="noise draws averaged into each point prediction (the conditional mean)")
     command.add_argument("--chunk-size", type=int, default=4, help="latent frames per chunk (K)")
     command.add_argument("--video-steps", type=int, default=10)
     command.add_argument("--action-steps", type=int, default=10)

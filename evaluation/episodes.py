@@ -8,8 +8,10 @@ Chunk c holds latent frames [cK, (c+1)K); frame 0 is the observed first frame. T
   the source fills, against the training mean action and zero; then c's true actions are cached.
   This pass runs twice: with the point prediction (one Euler step from pure noise, which is the
   model's estimate of the conditional mean E[x0 | context], the prediction a squared error
-  rewards) and with samples (the sampler's settings). A sample, even of a perfect model, scores
-  the truth's own spread on top: twice the conditional variance in expectation.
+  rewards, averaged over `point_draws` noise draws: each one-step estimate also carries how well
+  the model hands its input noise back, which the average removes) and with samples (the
+  sampler's settings). A sample, even of a perfect model, scores the truth's own spread on top:
+  twice the conditional variance in expectation.
 - open loop, from the true chunk 0: every later chunk is sampled from the model's own previous
   samples and the true actions, up to `rollout_chunks`; against copying frame K-1.
 """
@@ -58,15 +60,16 @@ def start_episode(sampler: WorldModelSampler, sample: EpisodeSample, empty_text:
 
 def score_episode(sampler: WorldModelSampler, point: WorldModelSampler, sample: EpisodeSample,
                   empty_text: torch.Tensor, mean_action: torch.Tensor,
-                  rollout_chunks: int) -> tuple[EpisodeScores, torch.Tensor]:
-    """`sampler` samples, `point` (one video and one action step) predicts the conditional mean;
-    -> the scores, and the open-loop sampled latents [z, K * (1 + rollout), h, w] (chunk 0 true)."""
+                  rollout_chunks: int, point_draws: int = 1) -> tuple[EpisodeScores, torch.Tensor]:
+    """`sampler` samples, `point` (one video and one action step) predicts the conditional mean
+    (the mean of `point_draws` one-step estimates); -> the scores, and the open-loop sampled
+    latents [z, K * (1 + rollout), h, w] (chunk 0 true)."""
     k = sampler.settings.chunk_size
     if sample.latents.shape[1] // k < 2:
         raise UserError(f"lbva eval: held-out sample {sample.key} has {sample.latents.shape[1]} latent frames, "
                         f"fewer than two chunks of {k}; give a smaller --chunk-size")
     scores = EpisodeScores(sample.key, sample.source)
-    _one_chunk_ahead(point, sample, empty_text, scores.video_se, scores.action_se)
+    _one_chunk_ahead(point, sample, empty_text, scores.video_se, scores.action_se, point_draws)
     _one_chunk_ahead(sampler, sample, empty_text, scores.video_sampled_se, scores.action_sampled_se)
     for c in range(1, sample.latents.shape[1] // k):
         truth = sample.latents[:, c * k:(c + 1) * k]
@@ -79,22 +82,32 @@ def score_episode(sampler: WorldModelSampler, point: WorldModelSampler, sample: 
 
 
 def _one_chunk_ahead(sampler: WorldModelSampler, sample: EpisodeSample, empty_text: torch.Tensor,
-                     video_se: list[float], action_se: list[float]) -> None:
-    """The one-chunk-ahead pass (module docstring): appends per chunk to video_se and action_se."""
+                     video_se: list[float], action_se: list[float], draws: int = 1) -> None:
+    """The one-chunk-ahead pass (module docstring): appends per chunk to video_se and action_se;
+    each prediction is the mean of `draws` of the sampler's."""
     k = sampler.settings.chunk_size
     slots = sample.action_mask
     truth = lambda c: sample.latents[:, c * k:(c + 1) * k]  # noqa: E731
     start_episode(sampler, sample, empty_text)
     sampler.observe(0, latents=truth(0), actions=chunk_actions(sample, 0, k))
     for c in range(1, sample.latents.shape[1] // k):
-        video_se.append(_se(sampler.predict_video(c).cpu(), truth(c)))
-        sampler.drop_predictions()
+        video_se.append(_se(_mean_of(draws, sampler, lambda: sampler.predict_video(c)), truth(c)))
         sampler.observe(c, latents=truth(c))
         actions = chunk_actions(sample, c, k)
         if slots.any():
-            action_se.append(_se(sampler.predict_actions(c).cpu()[:, slots], actions[:, slots]))
-            sampler.drop_predictions()
+            predicted = _mean_of(draws, sampler, lambda: sampler.predict_actions(c))
+            action_se.append(_se(predicted[:, slots], actions[:, slots]))
         sampler.observe(c, actions=actions)
+
+
+def _mean_of(draws: int, sampler: WorldModelSampler, predict) -> torch.Tensor:
+    """The mean of `draws` predictions, each dropped from the cache again (on the CPU)."""
+    total = None
+    for _ in range(draws):
+        prediction = predict().cpu().float()
+        sampler.drop_predictions()
+        total = prediction if total is None else total + prediction
+    return total / draws
 
 
 def _open_loop(sampler: WorldModelSampler, sample: EpisodeSample, empty_text: torch.Tensor, rollout_chunks: int,

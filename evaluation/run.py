@@ -1,7 +1,8 @@
 """`lbva eval CHECKPOINT --data PREPARED`: the world model of a checkpoint on the held-out episodes of
 prepared data (the training run's split, training/data/split.py), with the inference sampler.
 `video_mse` and `action_mse` score the point prediction (one Euler step from pure noise: the
-model's conditional mean, what a squared error rewards); the `_sampled` keys score samples at the
+model's conditional mean, what a squared error rewards, averaged over `point_draws` noise draws);
+the `_sampled` keys score samples at the
 sampler's settings (evaluation/episodes.py says why a sample scores worse).
 
 Writes OUT (default RUN/eval/): summary.json, summary.md (the table) and, per source, pictures of
@@ -47,6 +48,7 @@ class EvalOptions:
     samples_per_source: int = 8
     rollout_chunks: int = 4
     pictures_per_source: int = 2
+    point_draws: int = 8  # noise draws averaged into each point prediction (episodes.py)
     settings: InferenceSettings | None = None  # None: InferenceSettings(video_guidance=1)
     ema: bool = False
     vae: Path | None = None  # for pictures of data prepared with the real Wan2.2 VAE
@@ -138,7 +140,8 @@ def evaluate(checkpoint: Path, data: list[Path], out: Path | None = None, option
         samplers = [WorldModelSampler(model, chosen, latent_size=tuple(sample.latents.shape[2:]),
                                       actions_per_frame=sample.actions.shape[2], action_mask=sample.action_mask)
                     for chosen in (settings, replace(settings, video_steps=1, action_steps=1))]
-        episode, rollout = score_episode(*samplers, sample, empty_text, mean_action, options.rollout_chunks)
+        episode, rollout = score_episode(*samplers, sample, empty_text, mean_action, options.rollout_chunks,
+                                         options.point_draws)
         scores.append(episode)
         if position < options.pictures_per_source:
             rollouts.append((heldout.name, sample.key, sample.latents[:, :rollout.shape[1]], rollout))

@@ -32,7 +32,7 @@ from .blocks import Depth, DepthState, TransformerBlock
 from .config import ModelConfig
 from .layers import ActionMLP, ConditionEmbedder, FP32LayerNorm
 from .patching import input_to_output_order
-from .rope import RotaryEmbedding3D
+from .rope import RotaryEmbedding3D, rope_axis_dims
 
 # The parts outside the depths, by name: what the first pipeline stage holds, and the last.
 EMBEDDING_PARTS = ("patch_embedding_mlp", "action_embedder", "condition_embedder", "condition_embedder_action")
@@ -209,6 +209,8 @@ class LingBotVA(ModelPieces):
         gain = embed.pow(2).sum(1).mean().sqrt()  # std of an embedded unit-variance token
         head_order = input_to_output_order(torch.arange(embed.shape[1])[None], self.config.patch_size)[0]
         self.proj_out.weight.copy_(gain * torch.linalg.pinv(embed)[head_order].float())
+        for block in self.blocks:
+            init_position_heads(block.attn1, self.config.head_dim)
 
     def _block(self, width: int, ffn_dim: int, text: bool) -> TransformerBlock:
         c = self.config
@@ -218,3 +220,29 @@ class LingBotVA(ModelPieces):
         """-> (video prediction [B, Lv, pt*ph*pw*C] patch-major, action prediction [B, La, action_dim])."""
         state, temb = self.embed(inputs)
         return self.heads(self.run_depths(state, kernels), temb)
+
+
+POSITION_BIAS = 3.0  # the constant query/key component of a position head (content is ~1 per channel)
+POSITION_PAIRS = 2  # rotary pairs per spatial axis that carry it: the fastest-turning, which tell rows apart
+
+
+@torch.no_grad()
+def init_position_heads(attention: nn.Module, head_dim: int) -> None:
+    """Start the first half of a self-attention's heads attending by position: their query and key
+    biases get a constant on the fastest rotary pairs of the row and column axes, so RoPE turns
+    q.k into a sum of cos(omega * row offset) + cos(omega * col offset), largest where a key sits at
+    the query's own (row, col), in any frame: where a scene that persists is found. The frame axis
+    and the weights stay as initialised, so content and recency are learnt on top.
+
+    The demo model learnt from nothing without it attended by content first: it knew a block was
+    somewhere ahead and mixed the colours of distinct blocks, and lost to copying the last frame
+    (docs/benchmarks.md, the demo's video one chunk ahead). A run that imports Wan2.2 or a
+    released checkpoint overwrites this with weights that already attend where they need to."""
+    frame, row, _ = rope_axis_dims(head_dim)
+    heads = max(1, attention.num_heads // 2)
+    for head in range(heads):
+        for axis_start in (frame, frame + row):
+            for pair in range(min(POSITION_PAIRS, row // 2)):
+                channel = head * head_dim + axis_start + 2 * pair
+                attention.to_q.bias[channel] = POSITION_BIAS
+                attention.to_k.bias[channel] = POSITION_BIAS

@@ -109,3 +109,29 @@ def test_an_untrained_model_hands_its_pure_noise_input_back_as_the_velocity(pres
     alpha = float((video * target).sum() / (target * target).sum())  # the noise's share in the prediction
     residual = float(((video - alpha * target) ** 2).mean())
     assert 0.5 < alpha < 1.5 and residual < 0.5, (alpha, residual)
+
+
+@pytest.mark.parametrize("preset", ["demo-mot", "tiny-mot"])
+def test_an_untrained_models_position_heads_attend_to_their_own_row_and_column(preset):
+    """LingBotVA.init_weights (init_position_heads): before training, half the heads of every video
+    self-attention prefer the tokens in the query's own (row, col) of the other frames (their most
+    attended key sits there several times as often as chance, 1 in 16); the other heads do not
+    care where a key sits."""
+    torch.manual_seed(0)
+    config = get_preset(preset)
+    model = LingBotVA(config)
+    frames, h, w = 4, 4, 4
+    positions = video_positions(frames, h, w)[None]
+    cos, sin = model.rope(positions.expand(8, -1, -1))
+    x = torch.randn(8, frames * h * w, config.video_width)
+    cells = torch.arange(h * w).repeat(frames)
+    other_frame = torch.arange(frames).repeat_interleave(h * w)[:, None] != torch.arange(frames).repeat_interleave(h * w)
+    for block in model.blocks:
+        with torch.no_grad():
+            q, k, _ = block.attn1.project(torch.nn.functional.layer_norm(x, x.shape[-1:]), (cos, sin))
+        logits = torch.einsum("bqhd,bkhd->bhqk", q, k).masked_fill(~other_frame, float("-inf"))
+        same_cell = (cells[logits.argmax(-1)] == cells).float().mean((0, 2))  # per head
+        position_heads = max(1, config.num_heads // 2)
+        chance = 1 / (h * w)
+        assert bool((same_cell[:position_heads] > 3 * chance).all()), same_cell
+        assert bool((same_cell[position_heads:] < 2 * chance).all()), same_cell

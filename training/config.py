@@ -263,23 +263,27 @@ class TrainConfig:
 # The embedded demo: the procedural pushing world and the demo-mot preset, sized for 2 CPU cores.
 # `lbva demo` layers these over the defaults above; configs/demo.toml spells out the same values.
 DEMO_BASE: dict = {
-    "run": {"name": "demo", "steps": 300, "log_every": 10},
+    # Steps over batch size: one episode per process and step learns more in the demo's minutes than
+    # three (docs/benchmarks.md, the demo's video one chunk ahead); the held-out loss every 50 steps.
+    "run": {"name": "demo", "steps": 450, "log_every": 10, "eval_every": 50},
     "model": {"preset": "demo-mot"},
     "data": {
         # Windows of 16 latent frames hold a whole demo episode (13): training then sees the history
         # lengths `lbva eval` conditions on (docs/benchmarks.md, the demo's video one chunk ahead).
-        "prepared": ["runs/demo-prepared"], "text_tokens": 16, "window_frames": 16, "token_budget": 2048,
+        "prepared": ["runs/demo-prepared"], "text_tokens": 16, "window_frames": 16, "token_budget": 1024,
         "pad_multiple": 64,
         # 5 of the 48 episodes held out: the validation loss and `lbva eval` at the end score them.
         "validation_fraction": 0.1, "validation_sequences": 4,
     },
-    # A 4.3M-parameter model learning from nothing in 300 steps (docs/benchmarks.md, the world-model
+    # A 4.3M-parameter model learning from nothing in 450 steps (docs/benchmarks.md, the world-model
     # evaluation): every noise level weighted alike, so the near-pure-noise frames, which only the
     # history can tell, train too; a clean history, so it is worth reading; chunks of K = 4, the
     # chunk the demo's inference and eval use; an lr well above the 5B recipe's peak.
     "objective": {"loss_weighting": "uniform", "noisy_history_prob": 0.0, "chunk_size": [4, 4]},
     "optim": {"lr": 3e-3},
-    # Two processes, parameters sharded by FSDP (gloo on CPU). dp_shard=2 plus tp=2 (4 processes)
-    # also works; on a 2-core machine its per-layer collectives make the demo several times slower.
-    "parallel": {"dp_shard": 2},
+    # Two processes, each with the whole model (FSDP2 over a replicate mesh: one gradient all-reduce
+    # per step, gloo on CPU). dp_shard=2 shards the parameters instead; its per-layer all-gathers
+    # cost the demo ~15% a step on 2 cores (1.0 s vs 0.85 s), and tp=2 on top (4 processes) is
+    # several times slower.
+    "parallel": {"dp_replicate": 2},
 }

@@ -70,4 +70,5 @@ def run_demo(config: TrainConfig, episodes: int, frames: int, console: Console |
                "-m", "lbva.launchers.cli", "train", "--config", str(launch_config)]
     if subprocess.run(command).returncode != 0:
         raise UserError(f"the demo's training processes failed; see the output above and {run_dir}")
-    return {r["step"]: r["loss_eval"] for r in read_metrics(run_dir / "metrics.jsonl")}
+    # Only the records of an evaluated step carry loss_eval (run.eval_every).
+    return {r["step"]: r["loss_eval"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss_eval" in r}

@@ -35,8 +35,8 @@ def untrained(dataset, tmp_path_factory):
     return train(config, Console(quiet=True)).run_dir
 
 
-def _options(**settings) -> EvalOptions:
-    return EvalOptions(samples_per_source=2, rollout_chunks=2, pictures_per_source=1,
+def _options(point_draws: int = 2, **settings) -> EvalOptions:
+    return EvalOptions(samples_per_source=2, rollout_chunks=2, pictures_per_source=1, point_draws=point_draws,
                        settings=InferenceSettings(chunk_size=CHUNK, video_steps=3, action_steps=3, video_guidance=1.0,
                                                   **settings))
 
@@ -71,12 +71,22 @@ def test_two_processes_score_what_one_process_scores(dataset, untrained, tmp_pat
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "lbva.launchers.cli", "eval", str(untrained), "--data", str(dataset), "--out",
                str(tmp_path / "two"), "--samples", "2", "--rollout-chunks", "2", "--pictures", "1",
-               "--chunk-size", str(CHUNK), "--video-steps", "3", "--action-steps", "3"]
+               "--chunk-size", str(CHUNK), "--video-steps", "3", "--action-steps", "3", "--point-draws", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| pusher |" in result.stdout
     double = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert [double[k] for k in KEYS] == pytest.approx([single[k] for k in KEYS], rel=1e-6)
+
+
+def test_the_point_prediction_is_the_mean_of_its_draws(dataset, untrained, tmp_path):
+    """More draws average away the noise each one-step estimate carries: the point scores move,
+    the sampled ones (drawn from their own sampler) stay."""
+    one = evaluate(untrained, [dataset], tmp_path / "one", _options(point_draws=1))
+    four = evaluate(untrained, [dataset], tmp_path / "four", _options(point_draws=4))
+    assert four["video_mse"] != one["video_mse"]
+    assert four["video_mse_sampled"] == one["video_mse_sampled"]
+    assert four["video_mse_copy_last"] == one["video_mse_copy_last"]
 
 
 def test_the_strip_shows_truth_prediction_and_difference_per_latent_frame():

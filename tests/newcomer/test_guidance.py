@@ -56,7 +56,7 @@ def test_a_one_process_train_of_a_two_process_config_says_what_to_run(capsys, mo
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"run `lbva launch local --nproc 2 --config {config} run.steps=2`" in err
-    assert f"`lbva train --config {config} run.steps=2 parallel.dp_shard=1`" in err
+    assert f"`lbva train --config {config} run.steps=2 parallel.dp_replicate=1`" in err
 
 
 def test_model_size_overrides_change_the_preset():

@@ -24,7 +24,7 @@ README_COMMANDS = [
     f"lbva data prepare MY_DATASET runs/mine-prepared --action-map {ACTION_MAP} --split val=0.34 "
     "--encoders real --vae runs/encoders/vae --text-encoder runs/encoders/text_encoder",
     "lbva train --config configs/demo.toml 'data.prepared=[\"runs/mine-prepared\"]' data.validation_fraction=0.34 "
-    "run.name=mine parallel.dp_shard=1 run.steps=2",
+    "run.name=mine parallel.dp_replicate=1 run.steps=2",
     "lbva eval runs/mine --data runs/mine-prepared",
 ]
 

@@ -122,7 +122,7 @@ def _print_summary(args: argparse.Namespace, report) -> None:
     data = [f'data.prepared=["{args.out}"]', f"data.validation_fraction={fraction}", f"run.name={report.source}"]
     fitting = [name for name, model in PRESETS.items() if model.text_dim == report.text_dim]
     if "demo-mot" in fitting:  # the demo recipe's sizes suit a small dataset; one process
-        train = ["lbva", "train", "--config", "configs/demo.toml", *data, "parallel.dp_shard=1"]
+        train = ["lbva", "train", "--config", "configs/demo.toml", *data, "parallel.dp_replicate=1"]
     else:
         train = ["lbva", "train", f"model.preset={fitting[0] if fitting else 'PRESET'}", *data]
     print("next (from the repository root; run.steps=N and other overrides as you like):")
