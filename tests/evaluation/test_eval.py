@@ -104,6 +104,11 @@ def test_a_run_that_logs_to_wandb_gets_the_numbers_and_the_pictures(dataset, tmp
                                "data.validation_fraction=0.34")
     run_dir = train(config, Console(quiet=True)).run_dir
     summary = evaluate(run_dir, [dataset], tmp_path / "eval", _options())
+    # wandb's service writes the offline record on its own schedule and closes it when it shuts down,
+    # which a CLI process does at exit; inside this test process, shut it down before reading.
+    import wandb
+
+    wandb.teardown()
     # Offline, each session of the run (training, then eval) gets a folder; the eval's is the newest.
     *_, session = sorted((run_dir / "wandb").glob("offline-run-*-logged"))
     media = {p.suffix for p in (session / "files" / "media").rglob("*") if p.is_file()}
