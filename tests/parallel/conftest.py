@@ -46,16 +46,25 @@ def parity_case() -> Callable[..., TrainCase]:
     return make_parity_case
 
 
+# A bias gradient sums every token's contribution, and with the batch split over ranks that sum runs
+# in another order. On an AMD EPYC host the action embedder's bias gradients of 4 sequences differ
+# from one process's by 1.5e-5 of their largest entry on every 4-rank data-parallel layout alike
+# (fsdp 4, hsdp, hsdp with checkpointing): float32 summation order, not a layout's doing.
+GRADIENT_TOLERANCE = 4e-5
+
+
 def check_parity(reference: TrainRecord, run: TrainRecord, tolerance: float = 1e-5) -> None:
-    """Losses within `tolerance` relative, first-step gradients within `tolerance` of each tensor's
-    largest entry, final parameters within PARAMETER_TOLERANCE absolute; the same parameter names."""
+    """Losses within `tolerance` relative, first-step gradients within max(`tolerance`,
+    GRADIENT_TOLERANCE) of each tensor's largest entry, final parameters within
+    max(`tolerance`, PARAMETER_TOLERANCE) absolute; the same parameter names."""
     assert run.parameters.keys() == reference.parameters.keys()
     assert run.gradients.keys() == reference.gradients.keys()
     for step, (expected, got) in enumerate(zip(reference.losses, run.losses, strict=True)):
         assert abs(got - expected) <= tolerance * abs(expected), f"step {step}: loss {got} vs {expected}"
     for name, expected in reference.gradients.items():
         error = (run.gradients[name] - expected).abs().max().item()
-        assert error <= tolerance * expected.abs().max().item(), f"gradient of {name}: off by {error:.2e}"
+        bound = max(tolerance, GRADIENT_TOLERANCE) * expected.abs().max().item()
+        assert error <= bound, f"gradient of {name}: off by {error:.2e}"
     for name, expected in reference.parameters.items():
         error = (run.parameters[name] - expected).abs().max().item()
         assert error <= max(tolerance, PARAMETER_TOLERANCE), f"{name}: off by {error:.2e}"
