@@ -32,6 +32,12 @@ K/V also fold the prompt's zero padding into one key per row with a log-count bi
 each forward's cross-attention reads the prompt's length of keys instead of 512: the same softmax,
 rounded differently (`fold_padding=False` keeps every padding key).
 
+The noise levels' work, once per episode. The same shortcut holds each noise level's timestep
+conditioning (`EpisodeTimesteps`): the sampler's grid repeats a few levels all episode long, so each
+level is embedded the first time a forward meets it, and a stream whose tokens share one level gets
+one row that the MoT's modulation broadcasts (models/mot.py StreamTime), bit for bit the numbers of
+embedding every token.
+
 CFG rows. A forward runs every text row (prompt, and the negative prompt under guidance) unless it
 asks for the first `rows` only: the action loop with action guidance 1 needs the prompt row alone.
 Such a forward may not store anything, since later guided forwards read every row of the cache.
@@ -48,7 +54,7 @@ from torch.nn import functional as F
 
 from lbva.models.attention import AttentionKernel, AttentionKernels
 from lbva.models.masks import CLEAN, TokenLayout, self_attention_rule
-from lbva.models.mot import LingBotVA, ModelInputs
+from lbva.models.mot import LingBotVA, ModelInputs, StreamTime
 
 from .kv_cache import KVCache, Reservation, WriteMode
 
@@ -154,6 +160,46 @@ class EpisodeText:
         return cls(fold(keys), fold(values), bias[:, None, None, :].to(text.device))
 
 
+_GEMM_ROWS = 8
+
+
+class EpisodeTimesteps:
+    """Each noise level's timestep conditioning (the model's ConditionEmbedders: sinusoid, MLP, the
+    6 x width projection), computed the first time an episode's forward meets that level and reused
+    by every later forward: the sampler's grid repeats the same few levels all episode long, and
+    a forward's tokens share one or two of them where today's path embeds every token."""
+
+    def __init__(self, model: LingBotVA) -> None:
+        self.embedders = (model.condition_embedder, model.condition_embedder_action)
+        self.seen: tuple[dict[float, StreamTime], dict[float, StreamTime]] = ({}, {})
+
+    @torch.no_grad()
+    def of(self, inputs: ModelInputs) -> tuple[StreamTime, StreamTime]:
+        """-> the (video, action) conditioning of the inputs' timesteps (see StreamTime): [B, 1, ...]
+        when a modality's tokens share one level, else one row per token."""
+        return (self._stream(0, inputs.video_timesteps), self._stream(1, inputs.action_timesteps))
+
+    def _stream(self, which: int, timesteps: torch.Tensor) -> StreamTime:
+        embedder, seen = self.embedders[which], self.seen[which]
+        if timesteps.numel() == 0:
+            return StreamTime(*embedder(timesteps))
+        levels, inverse = torch.unique(timesteps, return_inverse=True)
+        values = levels.tolist()
+        missing = [v for v in values if v not in seen]
+        if missing:
+            # At least _GEMM_ROWS rows: CPU BLAS rounds a matrix product of 1-3 rows differently
+            # from the many-row product of a full forward, from 4 rows on alike (bit for bit).
+            rows = missing + missing[-1:] * (_GEMM_ROWS - len(missing))
+            temb, proj = embedder(torch.tensor(rows, dtype=timesteps.dtype, device=timesteps.device)[None])
+            seen.update((v, StreamTime(temb[:, i:i + 1], proj[:, i:i + 1])) for i, v in enumerate(missing))
+        batch, length = timesteps.shape
+        if len(values) == 1:
+            return seen[values[0]].expand(batch, 1)
+        temb = torch.cat([seen[v].temb for v in values], dim=1)[0]  # [levels, W]
+        proj = torch.cat([seen[v].proj for v in values], dim=1)[0]  # [levels, 6, W]
+        return StreamTime(temb[inverse], proj[inverse])
+
+
 class _EpisodeCrossAttention:
     """The cross-attention kernel of one forward: call i is depth i, which attends to the episode's
     K/V of depth i (first `rows` rows); the model's own K/V are of the empty text it was handed."""
@@ -211,6 +257,7 @@ class CachedModel:
         self.cache = cache
         self.text = text
         self.episode_text = EpisodeText.of(model, text, fold_padding) if reuse_prompt else None
+        self.episode_timesteps = EpisodeTimesteps(model) if reuse_prompt else None
         self.device = text.device
 
     @property
@@ -249,12 +296,13 @@ class CachedModel:
             video = [g for g in ordered if g.modality == "video"]
             action = [g for g in ordered if g.modality == "action"]
             inputs = self._inputs(video, action, rows)
+            time = None if self.episode_timesteps is None else self.episode_timesteps.of(inputs)
         except BaseException:
             self.cache.abort(reservation)
             raise
         attention = _CachedSelfAttention(self.cache, reservation, [span[i] for i in order], mask, rows)
         cross = _sdpa if self.episode_text is None else _EpisodeCrossAttention(self.episode_text, rows)
-        return PreparedForward(self, list(groups), [span[i] for i in range(len(groups))], inputs,
+        return PreparedForward(self, list(groups), [span[i] for i in range(len(groups))], inputs, time,
                                attention, cross)
 
     def _inputs(self, video: list[TokenGroup], action: list[TokenGroup], rows: int) -> ModelInputs:
@@ -314,6 +362,7 @@ class PreparedForward:
     groups: list[TokenGroup]
     spans: list[tuple[int, int]]
     inputs: ModelInputs
+    time: tuple[StreamTime, StreamTime] | None  # the inputs' timestep conditioning, None: the model's
     attention: _CachedSelfAttention
     cross: AttentionKernel
 
@@ -371,6 +420,7 @@ def run_batched(model: LingBotVA, forwards: Sequence[PreparedForward]) -> list[l
             raise ValueError(f"forwards of token counts {sorted({f.shape for f in forwards})} cannot share one call")
         if len(forwards) == 1:
             inputs, kernels = forwards[0].inputs, AttentionKernels(forwards[0].attention, forwards[0].cross)
+            time = forwards[0].time
         else:
             fields = {name: torch.cat([getattr(f.inputs, name) for f in forwards])
                       for name in ModelInputs.__dataclass_fields__}
@@ -378,7 +428,8 @@ def run_batched(model: LingBotVA, forwards: Sequence[PreparedForward]) -> list[l
             rows = [f.rows for f in forwards]
             kernels = AttentionKernels(_SplitKernel([f.attention for f in forwards], rows),
                                        _SplitKernel([f.cross for f in forwards], rows))
-        video_out, action_out = model(inputs, kernels)
+            time = _joined_time(forwards)
+        video_out, action_out = model(inputs, kernels, time)
         for f in forwards:
             f.check()
         bounds = torch.tensor([0, *(f.rows for f in forwards)]).cumsum(0).tolist()
@@ -387,3 +438,14 @@ def run_batched(model: LingBotVA, forwards: Sequence[PreparedForward]) -> list[l
             f.abort()
         raise
     return [f.finish(video_out[a:b], action_out[a:b]) for f, a, b in zip(forwards, bounds[:-1], bounds[1:])]
+
+
+def _joined_time(forwards: Sequence[PreparedForward]) -> tuple[StreamTime, StreamTime] | None:
+    """The timestep conditioning of forwards stacked on the batch axis (each expanded to one row per
+    token first); None if any forward leaves it to the model."""
+    if any(f.time is None for f in forwards):
+        return None
+    lengths = (forwards[0].inputs.video_timesteps.shape[1], forwards[0].inputs.action_timesteps.shape[1])
+    return tuple(StreamTime(*(torch.cat(parts) for parts in zip(*(f.time[i].expand(f.rows, lengths[i])
+                                                                  for f in forwards))))
+                 for i in range(2))

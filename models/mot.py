@@ -71,6 +71,19 @@ class TimestepEmbeddings(NamedTuple):
     action: torch.Tensor  # [B, La, action width]
 
 
+class StreamTime(NamedTuple):
+    """One modality's timestep conditioning, as its ConditionEmbedder computes it: temb [B, L, W]
+    and timestep_proj [B, L, 6, W], float32. A caller that computed them beforehand (inference, once
+    per noise level) may give L = 1 for tokens that share one timestep: the MoT's per-stream
+    modulation broadcasts it over the stream, bit for bit what L copies give."""
+
+    temb: torch.Tensor
+    proj: torch.Tensor
+
+    def expand(self, batch: int, length: int) -> StreamTime:
+        return StreamTime(self.temb.expand(batch, length, -1), self.proj.expand(batch, length, -1, -1))
+
+
 class ModelPieces(nn.Module):
     """The forward of LingBot-VA over parts held under the model's names: LingBotVA holds them all,
     a pipeline stage the rope, a contiguous range of depths and, first / last, the embedders /
@@ -78,19 +91,28 @@ class ModelPieces(nn.Module):
 
     config: ModelConfig
 
-    def embed(self, inputs: ModelInputs) -> tuple[DepthState, TimestepEmbeddings]:
-        """Token inputs -> the state the first depth reads, and what the heads modulate with."""
+    def embed(self, inputs: ModelInputs, time: tuple[StreamTime, StreamTime] | None = None
+              ) -> tuple[DepthState, TimestepEmbeddings]:
+        """Token inputs -> the state the first depth reads, and what the heads modulate with.
+        time: the (video, action) timestep conditioning of these inputs' timesteps, computed by
+        the caller (see StreamTime); None computes it here."""
         x_video = self.patch_embedding_mlp(inputs.video_tokens)
         x_action = self.action_embedder(inputs.action_tokens)
-        temb_video, proj_video = self.condition_embedder(inputs.video_timesteps)
-        temb_action, proj_action = self.condition_embedder_action(inputs.action_timesteps)
+        if time is None:
+            video = StreamTime(*self.condition_embedder(inputs.video_timesteps))
+            action = StreamTime(*self.condition_embedder_action(inputs.action_timesteps))
+        else:
+            video, action = time
+            if not self.config.dual_stream:  # one joint stream: every token needs its own row
+                video = video.expand(*inputs.video_timesteps.shape)
+                action = action.expand(*inputs.action_timesteps.shape)
         state = DepthState(
             streams=self.streams_of(x_video, x_action),
-            timestep_proj=self.streams_of(proj_video, proj_action),
+            timestep_proj=self.streams_of(video.proj, action.proj),
             rope=self.stream_rope(inputs.video_positions, inputs.action_positions),
             text=self.condition_embedder.text_embedder(inputs.text),
         )
-        return state, TimestepEmbeddings(temb_video, temb_action)
+        return state, TimestepEmbeddings(video.temb, action.temb)
 
     def streams_of(self, video, action) -> tuple:
         """Per-modality values (tensors [B, Lv, ...] and [B, La, ...], or tuples of them) -> per
@@ -216,9 +238,11 @@ class LingBotVA(ModelPieces):
         c = self.config
         return TransformerBlock(width, ffn_dim, c.num_heads, c.head_dim, c.eps, text_cross_attention=text)
 
-    def forward(self, inputs: ModelInputs, kernels: AttentionKernels) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (video prediction [B, Lv, pt*ph*pw*C] patch-major, action prediction [B, La, action_dim])."""
-        state, temb = self.embed(inputs)
+    def forward(self, inputs: ModelInputs, kernels: AttentionKernels,
+                time: tuple[StreamTime, StreamTime] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (video prediction [B, Lv, pt*ph*pw*C] patch-major, action prediction [B, La, action_dim]).
+        time: see embed."""
+        state, temb = self.embed(inputs, time)
         return self.heads(self.run_depths(state, kernels), temb)
 
 

@@ -46,7 +46,7 @@ class StandInVideoEncoder:
             raise UserError(f"video encoder needs 1 + 4k frames, got {t} ((T - 1) % 4 = {(t - 1) % 4})")
         if h % 32 or w % 32:
             raise UserError(f"video encoder needs height and width that are multiples of 32, got {h}x{w}")
-        pixels = video.float() / 127.5 - 1.0
+        pixels = video.float().div_(127.5).sub_(1.0)  # in place: one buffer, the same numbers
         k = (t - 1) // self.temporal_factor
         groups = pixels[1:].reshape(k, self.temporal_factor, h, w, 3).mean(1)
         pixels = torch.cat([pixels[:1], groups])  # [F, H, W, 3]

@@ -90,4 +90,4 @@ def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
     if tuple(video.shape[-2:]) != tuple(size):
         video = F.interpolate(video, size=size, mode="bilinear", align_corners=False)
-    return (video / 127.5 - 1.0).permute(1, 0, 2, 3).contiguous()
+    return video.div_(127.5).sub_(1.0).permute(1, 0, 2, 3).contiguous()  # video is our own float copy

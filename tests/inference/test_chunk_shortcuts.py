@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from inference_fixtures import PROMPT, keyframes, observation, runtime, tiny_model
-from lbva.inference.cached_forward import CachedModel, EpisodeText, TokenGroup, _EpisodeCrossAttention
+from lbva.inference.cached_forward import CachedModel, EpisodeText, EpisodeTimesteps, TokenGroup, _EpisodeCrossAttention
 from lbva.inference.kv_cache import KVCache, WriteMode
+from lbva.models.attention import AttentionKernels
 from lbva.models.masks import NOISY
+from lbva.models.mot import ModelInputs
 
 ATOL = 1e-6
 
@@ -96,6 +98,35 @@ def test_guided_actions_keep_both_rows():
     fast = _episode(policy, shortcuts=True, asynchronous=False, chunks=2)
     for expected, served in zip(full, fast, strict=True):
         np.testing.assert_allclose(served, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("preset", ["tiny-mot", "tiny-shared"])
+def test_each_noise_level_is_embedded_once_and_gives_the_models_own_numbers(preset):
+    """EpisodeTimesteps: a stream whose tokens share a level gets one broadcast row, a mixed one a
+    row per token; either way the forward's outputs are bit for bit those of the model embedding
+    every token itself, and a level met again is not embedded again."""
+    model = tiny_model(preset)
+    config = model.config
+    torch.manual_seed(1)
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    kernels = AttentionKernels(sdpa, sdpa)
+    video_levels = torch.cat([torch.zeros(2, 16), torch.full((2, 16), 700.0)], dim=1)  # clean history + noisy
+    inputs = ModelInputs(
+        video_tokens=torch.randn(2, 32, config.video_token_dim), video_timesteps=video_levels,
+        video_positions=torch.randint(0, 4, (2, 32, 3)), action_tokens=torch.randn(2, 8, config.action_dim),
+        action_timesteps=torch.full((2, 8), 350.0), action_positions=torch.randint(0, 4, (2, 8, 3)),
+        text=torch.randn(2, 5, config.text_dim))
+    memo = EpisodeTimesteps(model)
+    video, action = memo.of(inputs)
+    assert video.proj.shape == (2, 32, 6, config.video_width) and action.proj.shape[:2] == (2, 1)
+    with torch.no_grad():
+        expected = model(inputs, kernels)
+        for got, want in zip(model(inputs, kernels, (video, action)), expected, strict=True):
+            assert torch.equal(got, want)
+    assert sorted(memo.seen[0]) == [0.0, 700.0] and sorted(memo.seen[1]) == [350.0]
+    memo.embedders = (None, None)  # a level seen before is looked up, never embedded again
+    assert torch.equal(memo.of(inputs)[1].temb, action.temb)
 
 
 def test_the_episode_text_holds_one_key_value_pair_per_depth_and_row():
