@@ -167,7 +167,7 @@ class EpisodeTimesteps:
     """Each noise level's timestep conditioning (the model's ConditionEmbedders: sinusoid, MLP, the
     6 x width projection), computed the first time an episode's forward meets that level and reused
     by every later forward: the sampler's grid repeats the same few levels all episode long, and
-    a forward's tokens share one or two of them where today's path embeds every token."""
+    a forward's tokens share one or two of them, where the model itself embeds every token."""
 
     def __init__(self, model: LingBotVA) -> None:
         self.embedders = (model.condition_embedder, model.condition_embedder_action)
@@ -445,7 +445,9 @@ def _joined_time(forwards: Sequence[PreparedForward]) -> tuple[StreamTime, Strea
     token first); None if any forward leaves it to the model."""
     if any(f.time is None for f in forwards):
         return None
-    lengths = (forwards[0].inputs.video_timesteps.shape[1], forwards[0].inputs.action_timesteps.shape[1])
-    return tuple(StreamTime(*(torch.cat(parts) for parts in zip(*(f.time[i].expand(f.rows, lengths[i])
-                                                                  for f in forwards))))
-                 for i in range(2))
+    first = forwards[0].inputs
+    joined = []
+    for stream, length in enumerate((first.video_timesteps.shape[1], first.action_timesteps.shape[1])):
+        parts = [f.time[stream].expand(f.rows, length) for f in forwards]
+        joined.append(StreamTime(torch.cat([p.temb for p in parts]), torch.cat([p.proj for p in parts])))
+    return joined[0], joined[1]
