@@ -251,7 +251,8 @@ class CachedModel:
     def __init__(self, model: LingBotVA, cache: KVCache, text: torch.Tensor, reuse_prompt: bool = True,
                  fold_padding: bool = True) -> None:
         """text [B, T, text_dim]: row 0 the prompt, row 1 (with CFG) the negative prompt.
-        reuse_prompt: compute the prompt's work once (EpisodeText), else in every forward;
+        reuse_prompt: compute the prompt's work (EpisodeText) and each noise level's conditioning
+        (EpisodeTimesteps) once per episode, else in every forward;
         fold_padding: with it, fold the text padding into one key per row (EpisodeText)."""
         self.model = model
         self.cache = cache

@@ -56,8 +56,8 @@ class WorldModelSampler:
     def __init__(self, model: LingBotVA, settings: InferenceSettings, *, latent_size: tuple[int, int],
                  actions_per_frame: int, action_mask: torch.Tensor, shortcuts: bool = True,
                  batcher: ForwardBatcher | None = None) -> None:
-        """shortcuts: the savings that leave the numbers as they are (the prompt's work once per
-        episode, the prompt row alone in an unguided action loop); False runs every forward in full,
+        """shortcuts: the savings that leave the numbers as they are (the prompt's work and each
+        noise level's conditioning once per episode, the prompt row alone in an unguided action loop); False runs every forward in full,
         the baseline the equality tests and bench/inference_latency.py compare with.
         batcher: shared by the sessions of a server, so their concurrent forwards share model calls
         (batching.py); None runs each forward alone."""
