@@ -44,6 +44,15 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from error
 
 
+def _count_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got '{text}'") from error
+
+
 def _name_list(text: str) -> list[str]:
     return [part for part in text.split(",") if part]
 
@@ -163,6 +172,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
     if args.max_sessions < 1:
         raise UserError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)  # before any worker thread starts: each takes this count
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "auto": torch.bfloat16 if device == "cuda" else torch.float32}[args.dtype]
@@ -170,16 +183,25 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if args.batch_wait_ms < 0:
         raise UserError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     batching = {"auto": None, "on": True, "off": False}[args.batch_sessions]
-    options = ServerOptions(args.host, args.port, token, int(args.max_message_mb * (1 << 20)), args.max_sessions,
-                            batching, args.batch_wait_ms)
+    parallel = None if args.parallel_requests == "auto" else args.parallel_requests
+    if parallel is not None and parallel < 1:
+        raise UserError(f"--parallel-requests must be >= 1 or auto, got {parallel}")
+    options = ServerOptions(host=args.host, port=args.port, token=token,
+                            max_message_bytes=int(args.max_message_mb * (1 << 20)), max_sessions=args.max_sessions,
+                            batch_sessions=batching, batch_wait_ms=args.batch_wait_ms, parallel_requests=parallel)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     warning = exposure_warning(args.host, token)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    print(f"serving {args.bundle} on ws://{args.host}:{args.port} ({device}, {str(dtype).replace('torch.', '')}"
-          f"{', token required' if token else ''})", flush=True)
     try:
-        asyncio.run(PolicyServer(runtime, options).serve())
+        server = PolicyServer(runtime, options)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    print(f"serving {args.bundle} on ws://{args.host}:{args.port} ({device}, {str(dtype).replace('torch.', '')}, "
+          f"{torch.get_num_threads()} threads, {server.scheduling.describe()}{', token required' if token else ''})",
+          flush=True)
+    try:
+        asyncio.run(server.serve())
     except KeyboardInterrupt:
         print("stopped")
 
@@ -214,6 +236,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long a forward waits for other sessions' forwards to share its model call "
                         "(default 5; a lone session never waits)")
+    p.add_argument("--parallel-requests", type=_count_or_auto, default="auto", metavar="N|auto",
+                   help="without batching, requests of different sessions run at once (auto: on a CPU the cores "
+                        "over --threads, so 1 at torch's default of a thread per core; 1 on CUDA)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of each request (default: torch's, one per physical core); fewer "
+                        "threads let more requests run at once on a CPU")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on the CPU")

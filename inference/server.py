@@ -27,14 +27,14 @@ later), and the others keep serving. A session's cache goes with its connection:
 even in the middle of a request, the session is dropped once the request in flight finishes; a reset
 releases the cache's memory until the next forward.
 
-Batching (`batch_sessions`; by default on when the model runs on CUDA). With it, each session's
-requests run in a worker thread of their own (one per possible session), and the sessions share one
+Scheduling (scheduling.py, chosen once per server). Each session's requests run in a worker thread
+of its own (one per possible session), so the event loop keeps answering /healthz and handshakes.
+With `batch_sessions` (by default on when the model runs on CUDA) the sessions share one
 ForwardBatcher (batching.py): a model forward waits until every request in progress has one waiting
 too, or `batch_wait_ms` has passed, and forwards of the same token counts then run as one model
-call. A lone session never waits. Without it (the default on a CPU, where a stacked call costs what
-its parts cost and concurrent requests contend for the cores), requests of all sessions run one
-after another. Either way the model runs in worker threads, so the event loop keeps answering
-/healthz and handshakes.
+call; a lone session never waits. Without it, up to `parallel_requests` requests run at once, each
+forward alone (by default on a CPU the cores over torch's intra-op threads, so at one thread per
+core, one request at a time).
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from .batching import ForwardBatcher
 from .protocol import Feedback, Imagine, Infer, ProtocolError, Reset, packb, parse_request, unpackb
 from .runtime import EpisodeError, InferenceRuntime
+from .scheduling import SessionScheduling
 from .settings import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,9 @@ class ServerOptions:
     # on CUDA. batch_wait_ms: how long a forward waits for the others to join its call.
     batch_sessions: bool | None = None
     batch_wait_ms: float = 5.0
+    # Without batching, requests of different sessions run at once; None: the CPU's cores over torch's
+    # intra-op threads, 1 on CUDA (scheduling.py).
+    parallel_requests: int | None = None
 
 
 class PolicyServer:
@@ -103,9 +106,9 @@ class PolicyServer:
         self.runtime = runtime
         self.options = options
         self.sessions: dict[int, InferenceRuntime] = {}  # by session id, one per open connection
-        batching = options.batch_sessions if options.batch_sessions is not None else runtime.device.type == "cuda"
-        self.batcher = ForwardBatcher(options.batch_wait_ms / 1000.0) if batching else None
-        self._one_at_a_time = threading.Lock()  # without batching: one request at a time
+        self.scheduling = SessionScheduling.choose(
+            runtime.device, batch=options.batch_sessions, parallel=options.parallel_requests,
+            batch_wait_s=options.batch_wait_ms / 1000.0, sessions=options.max_sessions)
         self._workers: ThreadPoolExecutor | None = None  # one thread per session, while serving
         self._session_ids = itertools.count(1)
 
@@ -121,7 +124,7 @@ class PolicyServer:
             max_size=self.options.max_message_bytes, process_request=self._process_request,
         ) as server:
             port = server.sockets[0].getsockname()[1]
-            log.info("serving on ws://%s:%d", self.options.host, port)
+            log.info("serving on ws://%s:%d (%s)", self.options.host, port, self.scheduling.describe())
             if on_ready is not None:
                 on_ready(port)
             await (stop.wait() if stop is not None else asyncio.Future())
@@ -149,7 +152,7 @@ class PolicyServer:
             await connection.close(CloseCode.TRY_AGAIN_LATER, self._full_message())
             return
         session_id = next(self._session_ids)
-        runtime = self.sessions[session_id] = self.runtime.new_session(self.batcher)
+        runtime = self.sessions[session_id] = self.runtime.new_session(self.scheduling.batcher)
         try:
             await self._serve_session(connection, runtime)
         finally:
@@ -195,8 +198,8 @@ class PolicyServer:
             return None
 
     def _handle(self, runtime: InferenceRuntime, request: Reset | Infer | Feedback | Imagine) -> dict[str, Any]:
-        """One request, in a session's worker thread: counted in progress for the batcher, or alone."""
-        with self.batcher.request() if self.batcher is not None else self._one_at_a_time:
+        """One request, in a session's worker thread, in its turn (scheduling.py)."""
+        with self.scheduling.request():
             return _handle(runtime, request)
 
 

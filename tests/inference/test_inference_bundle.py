@@ -104,6 +104,19 @@ def test_serve_refuses_an_empty_token_file(tmp_path):
         cli(["serve", str(tmp_path), "--token-file", str(tmp_path / "token")])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--parallel-requests", "0"], "--parallel-requests must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--batch-sessions", "on", "--parallel-requests", "2"], "need batching off .--batch-sessions off."),
+])
+def test_serve_refuses_a_scheduling_it_cannot_run_naming_the_option(tmp_path, flags, message):
+    model = tiny_model()
+    checkpoint = write_weights_checkpoint(model, tmp_path / "weights", "tiny-mot", "test")
+    bundle = export_inference_bundle(checkpoint, tmp_path / "bundle", bundle_spec(model))
+    with pytest.raises(UserError, match=message):
+        cli(["serve", str(bundle), "--port", "0", *flags])
+
+
 def test_export_can_take_the_robot_interface_from_a_prepared_data_card(tmp_path):
     model = tiny_model()
     checkpoint = write_weights_checkpoint(model, tmp_path / "weights", "tiny-mot", "test")

@@ -48,25 +48,33 @@ def wait_for_sessions(server, count: int, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_four_concurrent_sessions_give_the_actions_of_four_separate_servers(bundle, batched):
+SCHEDULINGS = {"one_at_a_time": dict(batch_sessions=False, parallel_requests=1),
+               "parallel": dict(batch_sessions=False, parallel_requests=4),
+               # A generous wait, so the robots' forwards meet in shared model calls.
+               "batched": dict(batch_sessions=True, batch_wait_ms=200)}
+
+
+@pytest.mark.parametrize("scheduling", SCHEDULINGS)
+def test_four_concurrent_sessions_give_the_actions_of_four_separate_servers(bundle, scheduling):
     separate = []
     for robot in range(4):
         with BackgroundServer(load_bundle(bundle).runtime(), ServerOptions(port=0, max_sessions=1)) as alone:
             separate.append(drive(alone.port, robot))
-    # Batched: a generous wait, so the robots' forwards meet in shared model calls.
-    options = ServerOptions(port=0, max_sessions=4, batch_sessions=batched, batch_wait_ms=200)
+    options = ServerOptions(port=0, max_sessions=4, **SCHEDULINGS[scheduling])
     with BackgroundServer(load_bundle(bundle).runtime(), options) as shared:
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(lambda robot: drive(shared.port, robot), range(4)))
     assert not np.allclose(separate[0][0], separate[1][0])  # the robots' episodes differ
-    if not batched:  # one request at a time: every session's numbers bit for bit
-        assert shared.server.batcher is None
+    used = shared.server.scheduling
+    if scheduling != "batched":  # every forward as a session alone runs it: the numbers bit for bit
+        assert used.batcher is None
+        if scheduling == "parallel":
+            assert used.most_at_once >= 2  # some requests of different robots ran at the same time
         for robot in range(4):
             for expected, served in zip(separate[robot], together[robot], strict=True):
                 np.testing.assert_array_equal(served, expected)
         return
-    assert shared.server.batcher.stats.largest >= 2  # some forwards of different robots shared a call
+    assert used.batcher.stats.largest >= 2  # some forwards of different robots shared a call
     # Shared model calls' larger matrix products may round differently: equal within float rounding
     # (about 1e-5 here, after guidance 5 and the robots feeding the served actions back as
     # executed), not bit for bit.
