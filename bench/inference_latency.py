@@ -34,7 +34,8 @@ ratio at E = P_sync is 2 P_sync / P_async: the forward-dynamics pass (one extra 
 is what keeps it below 2. Calibration and the measured episodes of a repeat run back to back, so load
 changes on a shared machine move them together; rows report medians over repeats.
 
-Two more figures, measured in the same run (the "chunk" and "sessions" entries of the JSON line):
+Three more figures, measured in the same run (the "chunk", "sessions" and "prediction" entries of
+the JSON line):
 
     chunk      steady-state synchronous prediction time per chunk (feedback + infer) of the runtime
                alone, with every forward in full (`shortcuts=False`: the prompt's projection and
@@ -43,11 +44,14 @@ Two more figures, measured in the same run (the "chunk" and "sessions" entries o
                --text-tokens sets the prompt length (512, the reference's).
     sessions   executed actions per second of robot time, summed over robots, of --sessions robots
                driving one server at once vs one robot alone, each robot as slow as the policy
-               (E = P_sync of one robot, calibrated in each repeat).
-    batched    prediction throughput (chunks per second summed over sessions, no robot time) of
-               --sessions in-process sessions predicting at the same moments: one after another (the
-               server before batching) vs concurrently through one ForwardBatcher, each forward of
-               all sessions in one model call (inference/batching.py).
+               (E = P_sync of one robot, calibrated in each repeat): with the server's default
+               scheduling of concurrent sessions (inference/scheduling.py; on a CPU as many requests
+               at once as the cores hold at --threads) and with one request at a time.
+    prediction prediction throughput (chunks per second summed over sessions, no robot time) of
+               --sessions in-process sessions predicting at the same moments, each in its own thread
+               as the server runs them: one request at a time, as many at once as the cores hold at
+               --threads, and batched (every forward of all sessions in one model call through a
+               ForwardBatcher, inference/batching.py).
 """
 
 from __future__ import annotations
@@ -59,7 +63,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +74,8 @@ from lbva.inference.batching import ForwardBatcher
 from lbva.inference.bundle import BundleSpec, export_inference_bundle, load_bundle
 from lbva.inference.client import PolicyClient
 from lbva.inference.observations import CameraLayout
-from lbva.inference.server import BackgroundServer, ServerOptions
+from lbva.inference.scheduling import SessionScheduling, cpu_parallel_requests
+from lbva.inference.server import BackgroundServer, PolicyServer, ServerOptions
 from lbva.inference.settings import InferenceSettings
 from lbva.models.action_space import ActionStats
 from lbva.models.config import get_preset
@@ -199,53 +203,53 @@ def chunk_latency(runtime, robot: Robot, chunks: int, chunk_size: int, shortcuts
     return statistics.mean(latencies[len(latencies) // 2:])
 
 
-def prediction_chunks_per_s(runtime, sessions: int, chunks: int, chunk_size: int, image_size: int,
-                            batched: bool) -> tuple[float, float]:
+def prediction_chunks_per_s(runtime, scheduling: SessionScheduling, sessions: int, chunks: int, chunk_size: int,
+                            image_size: int) -> tuple[float, float]:
     """Chunks predicted per second, summed over `sessions` episodes of the runtime's model run side by
-    side without robot time: round-robin one request at a time, or each in its own thread through
-    one ForwardBatcher. -> (chunks per second, forwards per model call)."""
-    batcher = ForwardBatcher(max_wait_s=0.05) if batched else None
-    policies = [runtime.new_session(batcher) for _ in range(sessions)]
-    robots = [Robot(image_size, 0.0) for _ in range(sessions)]
+    side without robot time, each session in its own thread and each request in its turn under
+    `scheduling`, as the server runs them. -> (chunks per second, forwards per model call: 1 unless
+    batched)."""
+    policies = [runtime.new_session(scheduling.batcher) for _ in range(sessions)]
 
-    def steps(index: int):
-        policy, robot = policies[index], robots[index]
-        policy.reset(PROMPT)
-        actions = policy.infer(robot.observation())
+    def request(call: Callable[[], object]) -> object:
+        with scheduling.request():
+            return call()
+
+    def episode(index: int) -> None:
+        policy, robot = policies[index], Robot(image_size, 0.0)
+        request(lambda: policy.reset(PROMPT))
+        actions = request(lambda: policy.infer(robot.observation()))
         for chunk in range(chunks - 1):
-            yield
-            policy.feedback(robot.keyframes(4 * (chunk_size - 1 if chunk == 0 else chunk_size)), actions)
-            actions = policy.infer()
+            keyframes = robot.keyframes(4 * (chunk_size - 1 if chunk == 0 else chunk_size))
+            request(lambda k=keyframes, a=actions: policy.feedback(k, a))
+            actions = request(policy.infer)
 
     started = time.perf_counter()
-    if batcher is None:
-        episodes = [steps(i) for i in range(sessions)]
-        for _ in range(chunks):
-            for episode in episodes:
-                next(episode, None)
-    else:
-        def whole(index: int) -> None:
-            with batcher.request():
-                for _ in steps(index):
-                    pass
-
-        with ThreadPoolExecutor(sessions) as pool:
-            list(pool.map(whole, range(sessions)))
+    with ThreadPoolExecutor(sessions) as pool:
+        list(pool.map(episode, range(sessions)))
     elapsed = time.perf_counter() - started
+    batcher = scheduling.batcher
     per_call = batcher.stats.forwards / batcher.stats.calls if batcher is not None else 1.0
     return sessions * chunks / elapsed, per_call
 
 
-def sessions_actions_per_s(port: int, robots: int, seconds: float, chunks: int, chunk_size: int,
-                           image_size: int, actions: int) -> float:
-    """Executed actions per second of robot time, summed over `robots` robots driving one server at
-    once, each taking `seconds` per chunk (steady state, from chunk n/2 on)."""
-    def one(_: int) -> float:
-        with PolicyClient(f"ws://127.0.0.1:{port}") as client:
-            return run_sync(client, Robot(image_size, seconds), chunks, chunk_size).steady_chunks_per_s(chunks // 2)
+def sessions_actions_per_s(runtime, options: ServerOptions, robots: int, seconds: float, chunks: int,
+                           chunk_size: int, image_size: int, actions: int) -> float:
+    """Executed actions per second of robot time, summed over `robots` robots driving one server (of
+    `options`) at once, each taking `seconds` per chunk (steady state, from chunk n/2 on)."""
+    with BackgroundServer(runtime, options) as server:
+        def one(_: int) -> float:
+            with PolicyClient(f"ws://127.0.0.1:{server.port}") as client:
+                episode = run_sync(client, Robot(image_size, seconds), chunks, chunk_size)
+                return episode.steady_chunks_per_s(chunks // 2)
 
-    with ThreadPoolExecutor(robots) as pool:
-        return sum(pool.map(one, range(robots))) * actions
+        with ThreadPoolExecutor(robots) as pool:
+            return sum(pool.map(one, range(robots))) * actions
+
+
+def run_median(runs: list[dict], figure: Callable[[dict], float]) -> float:
+    """The median over repeats of one figure of each repeat's record."""
+    return statistics.median(figure(r) for r in runs)
 
 
 def main() -> None:
@@ -280,7 +284,15 @@ def main() -> None:
         runtime = load_bundle(bundle).runtime()
         chunk_runs: list[dict] = []
         session_runs: list[dict] = []
-        batch_runs: list[dict] = []
+        prediction_runs: list[dict] = []
+        parallel = cpu_parallel_requests()
+        schedulings = {"one_at_a_time": lambda: SessionScheduling(1),
+                       "parallel": lambda: SessionScheduling(parallel),
+                       "batched": lambda: SessionScheduling(batcher=ForwardBatcher(max_wait_s=0.05))}
+        served = {"one_at_a_time": ServerOptions(port=0, max_sessions=args.sessions, batch_sessions=False,
+                                                 parallel_requests=1),
+                  "default": ServerOptions(port=0, max_sessions=args.sessions)}
+        default_scheduling = PolicyServer(runtime, served["default"]).scheduling.describe()
         options = ServerOptions(port=0, max_sessions=args.sessions + 1)  # + the calibrating client
         with BackgroundServer(runtime, options) as server, \
                 PolicyClient(f"ws://127.0.0.1:{server.port}") as client:
@@ -292,15 +304,18 @@ def main() -> None:
                     name: chunk_latency(local, Robot(args.image_size, 0.0), args.chunks, args.chunk_size, shortcuts)
                     for name, shortcuts in (("full", False), ("shortcuts", True))})
                 del local
-                batch_runs.append({
-                    name: prediction_chunks_per_s(runtime, args.sessions, args.chunks, args.chunk_size,
-                                                  args.image_size, batched)
-                    for name, batched in (("sequential", False), ("batched", True))})
+                prediction_runs.append({
+                    name: prediction_chunks_per_s(runtime, make(), args.sessions, args.chunks, args.chunk_size,
+                                                  args.image_size)
+                    for name, make in schedulings.items()})
                 one_p = run_sync(client, Robot(args.image_size, 0.0), args.chunks, args.chunk_size).steady_latency()
-                session_runs.append({"exec": one_p, **{
-                    str(n): sessions_actions_per_s(server.port, n, one_p, args.chunks, args.chunk_size,
-                                                   args.image_size, args.chunk_size * args.actions_per_frame)
-                    for n in (1, args.sessions)}})
+
+                def actions_per_s(options: ServerOptions, robots: int, one_p=one_p) -> float:
+                    return sessions_actions_per_s(runtime, options, robots, one_p, args.chunks, args.chunk_size,
+                                                  args.image_size, args.chunk_size * args.actions_per_frame)
+
+                session_runs.append({"exec": one_p, "one": actions_per_s(served["default"], 1),
+                                     **{name: actions_per_s(options, args.sessions) for name, options in served.items()}})
                 p_sync = run_sync(client, Robot(args.image_size, 0.0), args.chunks, args.chunk_size).steady_latency()
                 p_async = run_async(client, Robot(args.image_size, 0.0), args.chunks, args.chunk_size).steady_latency()
                 points = [(f"{f:g} x P_sync", f * p_sync) for f in fractions] + [("P_async", p_async)]
@@ -348,28 +363,35 @@ def main() -> None:
           "same inside the timed episodes; async/sync: measured steady-state ratio; bound: (E + P_sync) / "
           f"max(E, P_async) from the calibration; episode: whole {args.chunks}-chunk episodes")
     chunk = {"text_tokens": args.text_tokens,
-             "full_ms": statistics.median(r["full"] for r in chunk_runs) * 1e3,
-             "shortcuts_ms": statistics.median(r["shortcuts"] for r in chunk_runs) * 1e3,
-             "speedup": statistics.median(r["full"] / r["shortcuts"] for r in chunk_runs)}
-    sessions = {"sessions": args.sessions, "exec_ms": statistics.median(r["exec"] for r in session_runs) * 1e3,
-                "one_actions_per_s": statistics.median(r["1"] for r in session_runs),
-                "many_actions_per_s": statistics.median(r[str(args.sessions)] for r in session_runs),
-                "ratio": statistics.median(r[str(args.sessions)] / r["1"] for r in session_runs)}
-    batched = {"sessions": args.sessions,
-               "sequential_chunks_per_s": statistics.median(r["sequential"][0] for r in batch_runs),
-               "batched_chunks_per_s": statistics.median(r["batched"][0] for r in batch_runs),
-               "forwards_per_call": statistics.median(r["batched"][1] for r in batch_runs),
-               "ratio": statistics.median(r["batched"][0] / r["sequential"][0] for r in batch_runs)}
+             "full_ms": run_median(chunk_runs, lambda r: r["full"]) * 1e3,
+             "shortcuts_ms": run_median(chunk_runs, lambda r: r["shortcuts"]) * 1e3,
+             "speedup": run_median(chunk_runs, lambda r: r["full"] / r["shortcuts"])}
+    sessions = {"sessions": args.sessions, "scheduling": default_scheduling,
+                "exec_ms": run_median(session_runs, lambda r: r["exec"]) * 1e3,
+                "one_actions_per_s": run_median(session_runs, lambda r: r["one"]),
+                "many_actions_per_s": run_median(session_runs, lambda r: r["default"]),
+                "ratio": run_median(session_runs, lambda r: r["default"] / r["one"]),
+                "one_at_a_time_actions_per_s": run_median(session_runs, lambda r: r["one_at_a_time"]),
+                "one_at_a_time_ratio": run_median(session_runs, lambda r: r["one_at_a_time"] / r["one"])}
+    prediction = {"sessions": args.sessions, "parallel": parallel,
+                  **{f"{name}_chunks_per_s": run_median(prediction_runs, lambda r, n=name: r[n][0])
+                     for name in schedulings},
+                  "forwards_per_call": run_median(prediction_runs, lambda r: r["batched"][1]),
+                  **{f"{name}_ratio": run_median(prediction_runs, lambda r, n=name: r[n][0] / r["one_at_a_time"][0])
+                     for name in ("parallel", "batched")}}
     print(f"chunk ({args.text_tokens} text tokens, sync, runtime alone): full forwards {chunk['full_ms']:.0f} ms, "
           f"with the shortcuts {chunk['shortcuts_ms']:.0f} ms: {chunk['speedup']:.2f}x")
     print(f"sessions (robot time E = P_sync of one robot, {sessions['exec_ms']:.0f} ms): 1 robot "
-          f"{sessions['one_actions_per_s']:.1f} actions/s, {args.sessions} robots on one server "
-          f"{sessions['many_actions_per_s']:.1f} actions/s: {sessions['ratio']:.2f}x")
-    print(f"batched ({args.sessions} sessions predicting at once, no robot time): one after another "
-          f"{batched['sequential_chunks_per_s']:.2f} chunks/s, through the batcher "
-          f"{batched['batched_chunks_per_s']:.2f} chunks/s ({batched['forwards_per_call']:.2f} forwards per "
-          f"model call): {batched['ratio']:.2f}x")
-    print(json.dumps({"async": rows, "chunk": chunk, "sessions": sessions, "batched": batched}))
+          f"{sessions['one_actions_per_s']:.1f} actions/s; {args.sessions} robots on one server, its default "
+          f"({default_scheduling}), {sessions['many_actions_per_s']:.1f} actions/s: {sessions['ratio']:.2f}x; "
+          f"one request at a time {sessions['one_at_a_time_actions_per_s']:.1f} actions/s: "
+          f"{sessions['one_at_a_time_ratio']:.2f}x")
+    print(f"prediction ({args.sessions} sessions predicting at once, no robot time, chunks/s): one request at a "
+          f"time {prediction['one_at_a_time_chunks_per_s']:.2f}; {parallel} at once "
+          f"{prediction['parallel_chunks_per_s']:.2f} ({prediction['parallel_ratio']:.2f}x); batched "
+          f"{prediction['batched_chunks_per_s']:.2f} ({prediction['batched_ratio']:.2f}x, "
+          f"{prediction['forwards_per_call']:.2f} forwards per model call)")
+    print(json.dumps({"async": rows, "chunk": chunk, "sessions": sessions, "prediction": prediction}))
 
 
 if __name__ == "__main__":
