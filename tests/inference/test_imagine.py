@@ -68,3 +68,34 @@ def test_imagine_over_the_socket_matches_infer_and_spares_other_sessions(tmp_pat
     assert first["action"].shape == (CHUNKS, len(CHANNELS), CHUNK, STEPS_PER_FRAME)
     assert np.array_equal(first["latents"], second["latents"]) and np.array_equal(first["action"], second["action"])
     assert np.array_equal(first["action"][0], chunk0)
+
+
+def test_imagine_with_the_wan_vae_sends_the_decoded_frames_of_the_imagined_latents(tmp_path):
+    # A bundle with the real encoder code (diffusers' AutoencoderKLWan, transformers' umT5) at tiny
+    # widths: the server decodes what it imagined and sends the frames beside the latents.
+    from dataclasses import replace
+
+    from inference_fixtures import IMAGE, bundle_spec
+    from lbva.checkpoints_tools.export import write_weights_checkpoint
+    from lbva.inference.bundle import export_inference_bundle, load_bundle
+    from lbva.inference.client import PolicyClient
+    from lbva.inference.server import BackgroundServer, ServerOptions
+    from lbva.models.encoders import EncoderChoice, WanVideoEncoder
+    from lbva.training.data.tiny_models import write_tiny_umt5, write_tiny_wan_vae
+
+    model = tiny_model()
+    vae = write_tiny_wan_vae(tmp_path / "vae")
+    text_encoder = write_tiny_umt5(tmp_path / "text_encoder", PROMPT.split(), d_model=model.config.text_dim)
+    checkpoint = write_weights_checkpoint(model, tmp_path / "checkpoint", "tiny-mot", "test")
+    spec = replace(bundle_spec(model), encoders=EncoderChoice("real", vae, text_encoder))
+    bundle = export_inference_bundle(checkpoint, tmp_path / "bundle", spec)
+    with BackgroundServer(load_bundle(bundle).runtime("cpu"), ServerOptions(port=0)) as server:
+        with PolicyClient(f"ws://127.0.0.1:{server.port}") as dreamer:
+            dreamed = dreamer.imagine(observation(np.random.default_rng(3)), PROMPT, CHUNKS)
+    latents, frames = dreamed["latents"], dreamed["frames"]
+    assert latents.shape[1] == CHUNKS * CHUNK and dreamed["action"].shape[0] == CHUNKS
+    # One frame per latent frame, of the tiled canvas: the two cameras side by side.
+    assert frames.dtype == np.uint8 and frames.shape == (CHUNKS * CHUNK, IMAGE, 2 * IMAGE, 3)
+    decoded = WanVideoEncoder(vae, "cpu").decode_frames(torch.from_numpy(latents.copy())).numpy()
+    assert np.array_equal(frames, decoded)  # the video of the very latents sent
+    assert frames.std() > 0
