@@ -4,14 +4,13 @@
     parallel (n)    up to n requests run at once, each in its session's worker thread, each forward
                     alone. PyTorch releases the GIL inside its kernels, so on a CPU two requests at
                     one intra-op thread each keep two cores busy, where one request at a time leaves
-                    all cores but its threads idle between the robots' requests. The default on a
-                    CPU is the cores this process may use over torch's intra-op thread count
-                    (`lbva serve --threads 1` on 8 cores: 8 at once; at torch's default, one thread
-                    per core, 1).
+                    every core but its own threads idle. The default on a CPU is the cores this
+                    process may use over torch's intra-op thread count (`lbva serve --threads 1` on
+                    8 cores: 8 at once; at torch's default, one thread per core, 1).
     batched         the sessions share a ForwardBatcher (batching.py): forwards of the same token
-                    counts run as one model call. The default on CUDA, where one call for four
-                    sessions costs little more than one call for one; on a CPU a stacked call costs
-                    what its parts cost.
+                    counts run as one model call. The default on CUDA, where a one-session
+                    forward leaves the GPU mostly idle (the gain there is not measured yet); on a
+                    CPU a stacked call costs about what its parts cost.
 
 Each session's numbers are its own either way: one at a time and parallel run exactly the forwards a
 session alone runs (bit for bit at the same intra-op thread count); batched ones may round

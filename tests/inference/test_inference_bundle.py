@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-from inference_fixtures import bundle_spec, tiny_model
+from inference_fixtures import bundle_spec, tiny_bundle, tiny_model
 from lbva.checkpoints_tools.export import write_weights_checkpoint
 from lbva.checkpoints_tools.manager import CheckpointManager, RetentionPolicy
 from lbva.inference.bundle import export_inference_bundle, load_bundle
@@ -110,9 +110,7 @@ def test_serve_refuses_an_empty_token_file(tmp_path):
     (["--batch-sessions", "on", "--parallel-requests", "2"], "need batching off .--batch-sessions off."),
 ])
 def test_serve_refuses_a_scheduling_it_cannot_run_naming_the_option(tmp_path, flags, message):
-    model = tiny_model()
-    checkpoint = write_weights_checkpoint(model, tmp_path / "weights", "tiny-mot", "test")
-    bundle = export_inference_bundle(checkpoint, tmp_path / "bundle", bundle_spec(model))
+    bundle = tiny_bundle(tmp_path)
     with pytest.raises(UserError, match=message):
         cli(["serve", str(bundle), "--port", "0", *flags])
 
