@@ -24,7 +24,7 @@ from lbva.checkpoints_tools import cli as checkpoints_cli
 from lbva.errors import UserError
 from lbva.evaluation import cli as evaluation_cli
 from lbva.inference import cli as inference_cli
-from lbva.parallelism import plan
+from lbva.parallelism import plan_cli
 from lbva.training import cli as training_cli
 from lbva.training.data import cli as data_cli
 
@@ -46,14 +46,14 @@ def _load_config(args: argparse.Namespace):
     return load_config(TrainConfig, args.config, args.overrides)
 
 
-def _load_recipe(path: Path, overrides: list[str]) -> plan.Recipe:
+def _load_recipe(path: Path, overrides: list[str]) -> plan_cli.Recipe:
     """What `lbva plan --config` plans from a training config."""
     from lbva.training.cli import sequence_mix
     from lbva.training.config import TrainConfig
     from lbva.training.config_io import load_config
 
     config = load_config(TrainConfig, path, overrides)
-    return plan.Recipe(name=path.name, preset=config.model.preset, parallel=config.parallel,
+    return plan_cli.Recipe(name=path.name, preset=config.model.preset, parallel=config.parallel,
                        mix=sequence_mix(config), steps=config.run.steps,
                        attention="sdpa" if config.model.attention == "sdpa" else "flex",
                        ema=config.optim.ema_decay > 0, model=config.model.model_config())
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(commands)  # model-info
     evaluation_cli.register(commands)  # eval, demo
     data_cli.register(commands)  # data prepare, data demo
-    plan.register(commands, load_recipe=_load_recipe)  # plan
+    plan_cli.register(commands, load_recipe=_load_recipe)  # plan
     # `export` gathers what two packages write from a checkpoint; neither imports the other.
     export_kinds = commands.add_parser("export", help="export a checkpoint").add_subparsers(
         dest="export_kind", required=True)

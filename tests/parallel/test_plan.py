@@ -12,8 +12,9 @@ from lbva.models.info import build_on_meta, parameter_counts
 from lbva.models.masks import PADDING, TokenLayout, dense_self_attention_mask
 from lbva.parallelism.flops import SequenceMix, forward_flops, mean_attended_keys, training_flops_per_token
 from lbva.parallelism.plan import (
-    GPU_TYPES, Cluster, Layout, Workload, candidate_layouts, memory_estimate, plan, register, step_estimate,
+    GPU_TYPES, Cluster, Layout, Workload, candidate_layouts, memory_estimate, plan, step_estimate,
 )
+from lbva.parallelism.plan_cli import register
 from lbva.launchers.cli import CommandParser as _Parser
 from lbva.errors import UserError
 from lbva.training.data.packing import build_packed_sequence, cut_windows
