@@ -197,13 +197,18 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         server = PolicyServer(runtime, options)
     except ValueError as error:
         raise UserError(str(error)) from error
-    print(f"serving {args.bundle} on ws://{args.host}:{args.port} ({device}, {str(dtype).replace('torch.', '')}, "
-          f"{torch.get_num_threads()} threads, {server.scheduling.describe()}{', token required' if token else ''})",
-          flush=True)
+
+    def ready(port: int) -> None:  # the port actually bound, also for --port 0
+        print(f"serving {args.bundle} on ws://{args.host}:{port} ({device}, {str(dtype).replace('torch.', '')}, "
+              f"{torch.get_num_threads()} threads, {server.scheduling.describe()}"
+              f"{', token required' if token else ''})", flush=True)
+
     try:
-        asyncio.run(server.serve())
+        asyncio.run(server.serve(ready))
     except KeyboardInterrupt:
         print("stopped")
+    except OSError as error:  # the port is taken, or the host is not an address of this machine
+        raise UserError(f"--host/--port: cannot listen on {args.host}:{args.port} ({error.strerror or error})") from error
 
 
 def exposure_warning(host: str, token: str | None) -> str | None:
